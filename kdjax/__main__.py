@@ -1,0 +1,3 @@
+from kdjax.cli import main
+
+main()

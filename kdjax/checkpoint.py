@@ -1,0 +1,62 @@
+"""Saving and restoring a trained model with orbax-checkpoint.
+
+A model checkpoint is a folder with ``variables/`` (orbax: params and batch statistics) and
+``model.json`` (its architecture, classes and input shape). ``model.json`` is written last, so a
+folder without it is an unfinished save and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from kdjax.errors import ConfigError
+from kdjax.io import write_json_atomic
+
+VARIABLES = "variables"
+METADATA = "model.json"
+
+
+def save_model(directory: str, variables: dict[str, Any], metadata: dict[str, Any]) -> None:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, VARIABLES), variables)
+    checkpointer.wait_until_finished()
+    write_json_atomic(os.path.join(directory, METADATA), metadata)
+
+
+def find_model_checkpoint(path: str, role: str) -> str:
+    """``path`` is a model checkpoint folder or a run's work directory holding one for ``role``."""
+    for candidate in (path, os.path.join(path, "checkpoints", role)):
+        if os.path.isfile(os.path.join(candidate, METADATA)):
+            return os.path.abspath(candidate)
+    raise ConfigError(
+        f"{path!r} holds no finished {role} checkpoint (no {METADATA} in it or in "
+        f"checkpoints/{role}/): give the work directory of a kdjax run whose {role} finished."
+    )
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, METADATA)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read checkpoint metadata {path}: {err}") from err
+
+
+def restore_variables(directory: str, abstract_variables: Any) -> dict[str, Any]:
+    """Restores variables shaped like ``abstract_variables`` (from ``jax.eval_shape``)."""
+    path = os.path.join(directory, VARIABLES)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path, abstract_variables)
+    except Exception as err:  # orbax raises several types for missing/corrupt/mismatched data
+        raise ConfigError(
+            f"cannot restore the checkpoint in {path}: {err}. Check that it was written by kdjax "
+            "for the same architecture."
+        ) from err
+    return restored

@@ -1,0 +1,148 @@
+"""Config building blocks and the checks a config passes before any work starts.
+
+A kdjax config is an ``ml_collections.ConfigDict``:
+
+- ``name``: experiment name (default work directory ``runs/<name>-<time>``).
+- ``seed``: seeds initialisation, dropout and data order.
+- ``dataset``: ``name``, ``raw_dir`` (folder of raw files; empty: download), ``tfds_data_dir``.
+- ``teacher``, ``student``: a :func:`stage_config` each; ``teacher.checkpoint`` reuses a trained
+  teacher; ``student.temperature`` and ``student.alpha`` set the distillation loss.
+- ``eval_batch_size``: batch size for evaluation (any value gives exact counts).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from kdjax.data import DATASETS, Dataset
+from kdjax.errors import ConfigError
+from kdjax.models import build_model
+from kdjax.train.optim import OPTIMIZERS, SCHEDULES
+
+ROLES = ("teacher", "student")
+
+
+def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """SGD with momentum and a cosine schedule unless overridden."""
+    defaults = dict(
+        name="sgd",  # sgd | adam | adamw
+        learning_rate=0.1,  # peak learning rate
+        momentum=0.9,  # sgd only; 0 for plain SGD
+        nesterov=False,  # sgd only
+        weight_decay=0.0,  # L2 coefficient (decoupled for adamw)
+        schedule="cosine",  # constant | cosine | linear (decay to 0 over the stage)
+        warmup_steps=0,  # linear warm-up from 0 before the schedule
+    )
+    return ml_collections.ConfigDict(defaults | overrides)
+
+
+def stage_config(
+    *, model: Mapping[str, Any], epochs: int, batch_size: int, **optimizer: Any
+) -> ml_collections.ConfigDict:
+    """One model's training: its architecture, epochs, batch size and optimizer."""
+    return ml_collections.ConfigDict(
+        dict(
+            model=dict(model),  # {"name": registered model, **its fields}
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer_config(**optimizer),
+        )
+    )
+
+
+def dataset_config(name: str, raw_dir: str = "", tfds_data_dir: str = "") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,  # digits | mnist | fashion_mnist
+            raw_dir=raw_dir,  # folder of the original raw files; empty: TFDS downloads
+            tfds_data_dir=tfds_data_dir,  # where TFDS keeps prepared data; empty: its default
+        )
+    )
+
+
+def _require(config: Mapping[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            raise ConfigError(f"config has no field {path!r}: start from a config in experiments/.")
+        node = node[part]
+    return node
+
+
+def _positive_int(config: Mapping[str, Any], path: str) -> int:
+    value = _require(config, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}={value!r} must be a whole number >= 1.")
+    return value
+
+
+def _number(config: Mapping[str, Any], path: str) -> float:
+    value = _require(config, path)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r} must be a finite number.")
+    return float(value)
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """Raises :class:`ConfigError` naming the first field kdjax cannot use, and how to fix it.
+
+    Checks everything that can be checked without the data; :func:`check_config_fits_data`
+    does the rest once the dataset is loaded.
+    """
+    DATASETS.get(_require(config, "dataset.name"), field="dataset.name")
+    _positive_int(config, "eval_batch_size")
+    _require(config, "seed")
+    for role in ROLES:
+        # Building a module only checks its name and fields; nothing is initialised.
+        model_config = _require(config, f"{role}.model")
+        build_model(model_config, num_classes=model_config.get("num_classes", 1),
+                    field=f"{role}.model")
+        _positive_int(config, f"{role}.epochs")
+        _positive_int(config, f"{role}.batch_size")
+        OPTIMIZERS.get(_require(config, f"{role}.optimizer.name"), field=f"{role}.optimizer.name")
+        SCHEDULES.get(_require(config, f"{role}.optimizer.schedule"),
+                      field=f"{role}.optimizer.schedule")
+        if _number(config, f"{role}.optimizer.learning_rate") <= 0:
+            raise ConfigError(f"{role}.optimizer.learning_rate must be > 0.")
+    classes = {r: config[r]["model"].get("num_classes") for r in ROLES}
+    if None not in classes.values() and classes["teacher"] != classes["student"]:
+        raise ConfigError(
+            f"teacher.model.num_classes={classes['teacher']} but student.model.num_classes="
+            f"{classes['student']}: distillation needs the same classes. Make them equal, or "
+            "remove both (they are taken from the dataset)."
+        )
+    temperature = _number(config, "student.temperature")
+    if temperature <= 0:
+        raise ConfigError(
+            f"student.temperature={temperature} must be > 0: it divides the logits "
+            "(1 = plain softmax; Hinton et al. use 2-20)."
+        )
+    alpha = _number(config, "student.alpha")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(
+            f"student.alpha={alpha} must be in [0, 1]: it is the weight of the teacher's soft "
+            "targets (1 - alpha weighs the hard labels)."
+        )
+    checkpoint = config["teacher"].get("checkpoint", "")
+    if checkpoint and not os.path.exists(checkpoint):
+        raise ConfigError(
+            f"teacher.checkpoint={checkpoint!r} does not exist: give the work directory of an "
+            "earlier kdjax run (or its checkpoints/teacher folder), or leave it empty to fit one."
+        )
+
+
+def check_config_fits_data(config: Mapping[str, Any], dataset: Dataset) -> None:
+    """Checks the config against the loaded dataset (classes, training-set size)."""
+    for role in ROLES:
+        build_model(config[role]["model"], num_classes=dataset.num_classes, field=f"{role}.model")
+        batch_size = config[role]["batch_size"]
+        if batch_size > len(dataset.train):
+            raise ConfigError(
+                f"{role}.batch_size={batch_size} is larger than the {len(dataset.train)} training "
+                f"examples of {dataset.name!r}: lower it."
+            )

@@ -1,0 +1,1 @@
+"""Configs that ship inside the package (the bare ``kdjax`` command's default)."""

@@ -1,0 +1,85 @@
+"""The dataset registry and the checks every dataset passes before training starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from kdjax.errors import DataError
+from kdjax.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split as host arrays: ``images`` float32 ``[n, height, width, channels]`` in [0, 1],
+    ``labels`` int32 ``[n]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+# A loader takes the ``dataset`` config section and returns a Dataset.
+DATASETS: Registry[Callable[[Mapping[str, Any]], Dataset]] = Registry("dataset")
+
+
+def load_dataset(dataset_config: Mapping[str, Any]) -> Dataset:
+    """Loads ``dataset_config["name"]`` and checks it (non-empty, labels in range, shapes)."""
+    loader = DATASETS.get(dataset_config["name"], field="dataset.name")
+    dataset = loader(dataset_config)
+    check_dataset(dataset)
+    return dataset
+
+
+def check_dataset(dataset: Dataset) -> None:
+    """Raises :class:`DataError` for data no model could train on."""
+    for split_name in ("train", "test"):
+        split: Split = getattr(dataset, split_name)
+        where = f"dataset {dataset.name!r}, {split_name} split"
+        if len(split) == 0:
+            raise DataError(f"{where} is empty: check the data folder or dataset name.")
+        if split.images.shape[0] != split.labels.shape[0]:
+            raise DataError(
+                f"{where} has {split.images.shape[0]} images but {split.labels.shape[0]} labels."
+            )
+        if split.images.ndim != 4:
+            raise DataError(f"{where}: images must be [n, height, width, channels], "
+                            f"got shape {split.images.shape}.")
+        bad = (split.labels < 0) | (split.labels >= dataset.num_classes)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{where}: label {int(split.labels[first])} at index {first} is outside the "
+                f"{dataset.num_classes} classes [0, {dataset.num_classes}); {int(bad.sum())} "
+                "labels are out of range. Fix the labels or the dataset's number of classes."
+            )
+    if dataset.train.images.shape[1:] != dataset.test.images.shape[1:]:
+        raise DataError(f"dataset {dataset.name!r}: train images {dataset.train.images.shape[1:]} "
+                        f"and test images {dataset.test.images.shape[1:]} differ in shape.")
+
+
+def images_to_float(images: np.ndarray, max_value: float) -> np.ndarray:
+    """Scales integer pixels to float32 in [0, 1] and adds a channel axis if there is none."""
+    images = np.asarray(images, dtype=np.float32) / np.float32(max_value)
+    return images[..., None] if images.ndim == 3 else images
+
+
+# Registering the built-in loaders is a side effect of importing their modules.
+from kdjax.data import digits, tfds_source  # noqa: E402, F401

@@ -1,0 +1,106 @@
+"""MNIST and Fashion-MNIST through tensorflow-datasets, online or from raw files on disk.
+
+With ``dataset.raw_dir`` unset, TFDS downloads and prepares the dataset as usual. With it set
+to a folder holding the four original IDX files, TFDS's own builder prepares the *same* dataset
+from them (they are its manual download directory), so no download is attempted. Either way the
+prepared dataset lives in ``dataset.tfds_data_dir`` (TFDS's default when unset) and later runs
+reuse it.
+
+TensorFlow is imported here only, once, to read the prepared splits into numpy arrays; the
+training loop never touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kdjax.data.datasets import DATASETS, Dataset, Split, images_to_float
+from kdjax.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# The four files of the original MNIST-format release, as TFDS's builders expect them.
+RAW_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def check_raw_dir(raw_dir: str, dataset_name: str) -> None:
+    """Raises :class:`DataError` unless ``raw_dir`` holds the four IDX files."""
+    field = "dataset.raw_dir"
+    if not os.path.isdir(raw_dir):
+        raise DataError(
+            f"{field}={raw_dir!r} is not a folder. Point it to the folder holding the "
+            f"{dataset_name} files {', '.join(RAW_FILES)}, or unset it to let TFDS download."
+        )
+    missing = [f for f in RAW_FILES if not os.path.isfile(os.path.join(raw_dir, f))]
+    if missing:
+        raise DataError(
+            f"{field}={raw_dir!r} lacks {', '.join(missing)}. It must hold the original "
+            f"{dataset_name} IDX files (gzip'd, names unchanged)."
+        )
+
+
+def _import_tfds():
+    # TensorFlow must not claim accelerator memory that JAX will need.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    return tfds
+
+
+def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
+    """Prepares (once) and reads a TFDS image-classification dataset into numpy arrays."""
+    raw_dir = dataset_config.get("raw_dir") or None
+    data_dir = dataset_config.get("tfds_data_dir") or None
+    if raw_dir is not None:
+        raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
+        check_raw_dir(raw_dir, name)
+    tfds = _import_tfds()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if raw_dir is not None:
+        download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
+        source = f"the raw files in {raw_dir}"
+    else:
+        download_config = None
+        source = "a TFDS download"
+    try:
+        if not builder.is_prepared():
+            logger.info("Preparing TFDS %s in %s from %s (once).", name, builder.data_dir, source)
+        builder.download_and_prepare(download_config=download_config)
+    except Exception as err:  # TFDS raises many types; all mean the same to the user.
+        hint = (
+            "check that they are the original, unmodified files"
+            if raw_dir
+            else "without network access, set dataset.raw_dir to a folder of the original "
+            "IDX .gz files"
+        )
+        raise DataError(f"TFDS could not prepare {name!r} from {source}: {err}. Fix: {hint}.") from err
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                                          as_supervised=True))
+        splits[split] = Split(images_to_float(images, 255.0), labels.astype(np.int32))
+    return Dataset(name=name, train=splits["train"], test=splits["test"],
+                   num_classes=builder.info.features["label"].num_classes)
+
+
+@DATASETS.register("mnist")
+def load_mnist(dataset_config: Mapping[str, Any]) -> Dataset:
+    return load_tfds_images("mnist", dataset_config)
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(dataset_config: Mapping[str, Any]) -> Dataset:
+    return load_tfds_images("fashion_mnist", dataset_config)

@@ -1,0 +1,69 @@
+"""Optax optimizers and learning-rate schedules, chosen by name in a stage's ``optimizer``
+config section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from kdjax.errors import ConfigError
+from kdjax.registry import Registry
+
+SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("learning-rate schedule")
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
+
+
+@SCHEDULES.register("constant")
+def _constant(peak: float, total_steps: int) -> optax.Schedule:
+    del total_steps
+    return optax.constant_schedule(peak)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(peak: float, total_steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
+
+
+@SCHEDULES.register("linear")
+def _linear(peak: float, total_steps: int) -> optax.Schedule:
+    return optax.linear_schedule(peak, 0.0, transition_steps=max(total_steps, 1))
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(lr: optax.Schedule, cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+    # Weight decay added to the gradient before momentum, as PyTorch's SGD (and the KD
+    # literature's recipes) do.
+    return optax.chain(
+        optax.add_decayed_weights(cfg.get("weight_decay", 0.0)),
+        optax.sgd(lr, momentum=cfg.get("momentum", 0.0) or None,
+                  nesterov=bool(cfg.get("nesterov", False))),
+    )
+
+
+@OPTIMIZERS.register("adam")
+def _adam(lr: optax.Schedule, cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(cfg.get("weight_decay", 0.0)), optax.adam(lr))
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(lr: optax.Schedule, cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=cfg.get("weight_decay", 0.0))
+
+
+def make_optimizer(
+    cfg: Mapping[str, Any], *, total_steps: int, field: str
+) -> optax.GradientTransformation:
+    """Builds ``cfg["name"]`` with a ``cfg["schedule"]`` learning rate peaking at
+    ``cfg["learning_rate"]``, after ``cfg["warmup_steps"]`` steps of linear warm-up."""
+    schedule_fn = SCHEDULES.get(cfg.get("schedule", "constant"), field=f"{field}.schedule")
+    optimizer_fn = OPTIMIZERS.get(cfg["name"], field=f"{field}.name")
+    peak = float(cfg["learning_rate"])
+    warmup = int(cfg.get("warmup_steps", 0))
+    if warmup < 0:
+        raise ConfigError(f"{field}.warmup_steps={warmup} must be >= 0.")
+    lr = schedule_fn(peak, max(total_steps - warmup, 1))
+    if warmup:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), lr], [warmup])
+    return optimizer_fn(lr, cfg)

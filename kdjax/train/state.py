@@ -1,0 +1,56 @@
+"""What is trained (:class:`TrainState`) and what only teaches (:class:`FrozenModel`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+from flax import struct
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus batch-norm statistics and the run's base RNG key.
+
+    ``rng`` never changes: the key of step ``n`` is ``fold_in(rng, n)``, so randomness depends
+    only on the step number and a resumed run draws the same dropout masks.
+    """
+
+    batch_stats: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def frozen(self) -> FrozenModel:
+        """This state's model, for evaluation or to teach another."""
+        return FrozenModel(apply_fn=self.apply_fn, variables=self.variables)
+
+
+class FrozenModel(struct.PyTreeNode):
+    """A model that is only ever applied in inference mode: a teacher, or a model being evaluated.
+
+    It has no optimizer; steps take it as a separate argument and never differentiate it.
+    """
+
+    apply_fn: Callable = struct.field(pytree_node=False)
+    variables: Any
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return self.apply_fn(self.variables, images, train=False)
+
+
+def create_train_state(
+    model: nn.Module, variables: dict[str, Any], tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+        rng=rng,
+    )
