@@ -1,68 +1,110 @@
-"""``kdjax`` command line: flags only; the work is :func:`kdjax.pipeline.run`.
+"""kdjax: fit a teacher, train a student from scratch, distill it, evaluate, report.
 
-    kdjax [--config=PATH[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir=DIR] [--overwrite]
+Usage: kdjax [--config=PATH[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir=DIR] [--overwrite]
+
+  kdjax                                        the embedded digits job (about 20 s on a CPU)
+  kdjax --config=experiments/mnist_short.py --config.dataset.raw_dir=PATH/TO/mnist
+  kdjax --config=experiments/mnist_short.py:smoke --config.student.temperature=8
+
+Exit codes: 0 done; 1 crash; 2 bad input (nothing was trained or written).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
-
-import logging
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+FLAGS = flags.FLAGS
+# Errors that flag and config-override parsing raise for a user's typo.
+_PARSE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    DEFAULT_CONFIG,
-    "Experiment config file (a Python file with get_config()); append ':smoke' for the "
-    "config's smoke variant. Override fields with --config.FIELD=VALUE. Default: the embedded "
-    "digits job.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where the run writes checkpoints and results (default: runs/NAME-TIME)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an earlier run's checkpoints and results in --workdir."
-)
+
+def _define_flags() -> None:
+    # Defining the config flag already applies --config.FIELD overrides, so a typo in one
+    # raises here: main() calls this inside its error handling, not at import.
+    config_flags.DEFINE_config_file(
+        "config",
+        DEFAULT_CONFIG,
+        "Experiment config file (a Python file with get_config()); append ':smoke' for the "
+        "config's smoke variant. Override fields with --config.FIELD=VALUE. Default: the "
+        "embedded digits job.",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Where the run writes checkpoints and results (default: runs/NAME-TIME)."
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace an earlier run's checkpoints and results in --workdir."
+    )
+
+
+def _fail(message: str) -> None:
+    print(f"kdjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _plain_message(err: BaseException) -> str:
+    """The innermost message of a (possibly wrapped) parse error, on one line."""
+    while err.args and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        print(__doc__.strip(), FLAGS.module_help(__name__), sep="\n\n")
+        sys.exit(0)
+    try:
+        return FLAGS(argv)
+    except _PARSE_ERRORS as err:
+        _fail(f"{_plain_message(err)} (see kdjax --help)")
 
 
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from kdjax.errors import KdjaxError  # imports jax; after flag parsing keeps --help fast
+        _fail(f"unexpected arguments: {' '.join(argv[1:])} (see kdjax --help)")
+    from kdjax.errors import KdjaxError  # imports jax: after flag parsing keeps --help fast
     from kdjax.pipeline import run
 
-    # kdjax's own progress at INFO; other libraries (orbax, TFDS) only from WARNING up, unless
-    # the user sets --verbosity.
-    if not flags.FLAGS["verbosity"].present:
+    # kdjax's own progress at INFO; other libraries (orbax, TFDS) from WARNING up, unless the
+    # user sets --verbosity.
+    if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("kdjax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join(
-        "runs", f"{config.get('name', 'kdjax')}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        config = FLAGS.config
+        name = config.get("name", "kdjax")  # a config file that failed to load raises here
+    except OSError as err:
+        _fail(f"cannot load --config: {_plain_message(err)}")
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
     logging.getLogger("kdjax").info("Work directory: %s", workdir)
     try:
-        results = run(config, workdir, overwrite=_OVERWRITE.value)
+        results = run(config, workdir, overwrite=FLAGS.overwrite)
     except KdjaxError as err:
-        print(f"kdjax: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
     with open(os.path.join(workdir, "results.md")) as f:
         print(f.read())
-    print(f"Results, checkpoints and metrics are in {workdir}/ "
-          f"({results['wall_time_s']:.0f} s in all).")
+    print(f"Results, checkpoints and metrics are in {workdir}/ ({results['wall_time_s']:.0f} s).")
 
 
 def main() -> None:
-    # Progress lines at INFO go to stderr unless the user asks for less (--verbosity=-1).
-    flags.FLAGS.set_default("logtostderr", True)
-    app.run(_main)
+    try:
+        _define_flags()
+    except _PARSE_ERRORS as err:
+        _fail(f"{_plain_message(err)} (see kdjax --help)")
+    # Progress lines go to stderr; --verbosity=-1 silences them.
+    FLAGS.set_default("logtostderr", True)
+    app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def stage_config(
     )
 
 
-def dataset_config(name: str, raw_dir: str = "", tfds_data_dir: str = "") -> ml_collections.ConfigDict:
+def dataset_config(
+    name: str, raw_dir: str = "", tfds_data_dir: str = ""
+) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             name=name,  # digits | mnist | fashion_mnist
@@ -100,13 +102,15 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for role in ROLES:
         # Building a module only checks its name and fields; nothing is initialised.
         model_config = _require(config, f"{role}.model")
-        build_model(model_config, num_classes=model_config.get("num_classes", 1),
-                    field=f"{role}.model")
+        build_model(
+            model_config, num_classes=model_config.get("num_classes", 1), field=f"{role}.model"
+        )
         _positive_int(config, f"{role}.epochs")
         _positive_int(config, f"{role}.batch_size")
         OPTIMIZERS.get(_require(config, f"{role}.optimizer.name"), field=f"{role}.optimizer.name")
-        SCHEDULES.get(_require(config, f"{role}.optimizer.schedule"),
-                      field=f"{role}.optimizer.schedule")
+        SCHEDULES.get(
+            _require(config, f"{role}.optimizer.schedule"), field=f"{role}.optimizer.schedule"
+        )
         if _number(config, f"{role}.optimizer.learning_rate") <= 0:
             raise ConfigError(f"{role}.optimizer.learning_rate must be > 0.")
     classes = {r: config[r]["model"].get("num_classes") for r in ROLES}

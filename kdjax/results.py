@@ -26,8 +26,10 @@ def _cell(value: Any, fmt: str) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |"
-            for row in rows]
+    body = [
+        "| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |"
+        for row in rows
+    ]
     return "\n".join([header, rule, *body])
 
 

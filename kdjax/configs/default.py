@@ -20,8 +20,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval_batch_size = 512
     config.dataset = dataset_config("digits")
     config.teacher = stage_config(
-        model=dict(name="mlp", hidden_sizes=(512, 512), dropout_rate=0.3,
-                   input_dropout_rate=0.1),
+        model=dict(name="mlp", hidden_sizes=(512, 512), dropout_rate=0.3, input_dropout_rate=0.1),
         epochs=60,
         batch_size=64,
         learning_rate=0.05,

@@ -50,7 +50,7 @@ class DeviceSplit:
         order = epoch_order(self.num_examples, seed=seed, epoch=epoch)
         mask = jnp.ones((batch_size,), dtype=bool)
         for step in range(self.steps_per_epoch(batch_size)):
-            index = order[step * batch_size:(step + 1) * batch_size].astype(np.int32)
+            index = order[step * batch_size : (step + 1) * batch_size].astype(np.int32)
             yield _gather(self.images, self.labels, index, mask)
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:

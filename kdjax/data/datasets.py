@@ -60,8 +60,10 @@ def check_dataset(dataset: Dataset) -> None:
                 f"{where} has {split.images.shape[0]} images but {split.labels.shape[0]} labels."
             )
         if split.images.ndim != 4:
-            raise DataError(f"{where}: images must be [n, height, width, channels], "
-                            f"got shape {split.images.shape}.")
+            raise DataError(
+                f"{where}: images must be [n, height, width, channels], "
+                f"got shape {split.images.shape}."
+            )
         bad = (split.labels < 0) | (split.labels >= dataset.num_classes)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
@@ -71,8 +73,10 @@ def check_dataset(dataset: Dataset) -> None:
                 "labels are out of range. Fix the labels or the dataset's number of classes."
             )
     if dataset.train.images.shape[1:] != dataset.test.images.shape[1:]:
-        raise DataError(f"dataset {dataset.name!r}: train images {dataset.train.images.shape[1:]} "
-                        f"and test images {dataset.test.images.shape[1:]} differ in shape.")
+        raise DataError(
+            f"dataset {dataset.name!r}: train images {dataset.train.images.shape[1:]} "
+            f"and test images {dataset.test.images.shape[1:]} differ in shape."
+        )
 
 
 def images_to_float(images: np.ndarray, max_value: float) -> np.ndarray:

@@ -69,16 +69,21 @@ def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
         check_raw_dir(raw_dir, name)
     tfds = _import_tfds()
     builder = tfds.builder(name, data_dir=data_dir)
+    download_dir = None
     if raw_dir is not None:
         download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
         source = f"the raw files in {raw_dir}"
+        # TFDS caches files extracted from a manual dir under their bare names, so mnist and
+        # fashion_mnist (same file names) would silently share one cache: give each its own.
+        root = os.path.dirname(os.path.dirname(builder.data_dir))  # <root>/<name>/<version>
+        download_dir = os.path.join(root, "downloads", f"manual_{name}")
     else:
         download_config = None
         source = "a TFDS download"
     try:
         if not builder.is_prepared():
             logger.info("Preparing TFDS %s in %s from %s (once).", name, builder.data_dir, source)
-        builder.download_and_prepare(download_config=download_config)
+        builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
     except Exception as err:  # TFDS raises many types; all mean the same to the user.
         hint = (
             "check that they are the original, unmodified files"
@@ -86,14 +91,21 @@ def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
             else "without network access, set dataset.raw_dir to a folder of the original "
             "IDX .gz files"
         )
-        raise DataError(f"TFDS could not prepare {name!r} from {source}: {err}. Fix: {hint}.") from err
+        raise DataError(
+            f"TFDS could not prepare {name!r} from {source}: {err}. Fix: {hint}."
+        ) from err
     splits = {}
     for split in ("train", "test"):
-        images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
-                                                          as_supervised=True))
+        images, labels = tfds.as_numpy(
+            builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+        )
         splits[split] = Split(images_to_float(images, 255.0), labels.astype(np.int32))
-    return Dataset(name=name, train=splits["train"], test=splits["test"],
-                   num_classes=builder.info.features["label"].num_classes)
+    return Dataset(
+        name=name,
+        train=splits["train"],
+        test=splits["test"],
+        num_classes=builder.info.features["label"].num_classes,
+    )
 
 
 @DATASETS.register("mnist")

@@ -29,8 +29,9 @@ class SmallCNN(nn.Module):
             raise ValueError(f"cnn expects images [batch, height, width, channels], got {x.shape}")
         features = {}
         for i, width in enumerate(self.channels, start=1):
-            x = nn.Conv(width, (3, 3), padding="SAME", use_bias=not self.batch_norm,
-                        name=f"conv{i}")(x)
+            x = nn.Conv(
+                width, (3, 3), padding="SAME", use_bias=not self.batch_norm, name=f"conv{i}"
+            )(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
             x = nn.relu(x)

@@ -1,4 +1,4 @@
-"""Builds a registered model from a config entry such as ``{"name": "mlp", "hidden_sizes": ...}``."""
+"""Builds a registered model from a config entry such as ``{"name": "mlp", ...}``."""
 
 from __future__ import annotations
 

@@ -58,8 +58,13 @@ def fit(
         record = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
         record["epoch"] = epoch + 1
         history.append(record)
-        logger.info("%s epoch %d/%d: %s", name, epoch + 1, epochs,
-                     ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        logger.info(
+            "%s epoch %d/%d: %s",
+            name,
+            epoch + 1,
+            epochs,
+            ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     jax.block_until_ready(state)

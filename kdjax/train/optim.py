@@ -37,8 +37,9 @@ def _sgd(lr: optax.Schedule, cfg: Mapping[str, Any]) -> optax.GradientTransforma
     # literature's recipes) do.
     return optax.chain(
         optax.add_decayed_weights(cfg.get("weight_decay", 0.0)),
-        optax.sgd(lr, momentum=cfg.get("momentum", 0.0) or None,
-                  nesterov=bool(cfg.get("nesterov", False))),
+        optax.sgd(
+            lr, momentum=cfg.get("momentum", 0.0) or None, nesterov=bool(cfg.get("nesterov", False))
+        ),
     )
 
 

@@ -24,6 +24,9 @@ class TrainState(train_state.TrainState):
 
     @property
     def variables(self) -> dict[str, Any]:
+        """The model's variables as ``model.init`` made them (no empty ``batch_stats``)."""
+        if not self.batch_stats:
+            return {"params": self.params}
         return {"params": self.params, "batch_stats": self.batch_stats}
 
     def frozen(self) -> FrozenModel:

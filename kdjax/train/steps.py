@@ -29,7 +29,9 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
     return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
 
 
-def _apply_loss(state: TrainState, batch: Batch, logits_loss: LogitsLoss) -> tuple[TrainState, Metrics]:
+def _apply_loss(
+    state: TrainState, batch: Batch, logits_loss: LogitsLoss
+) -> tuple[TrainState, Metrics]:
     """One optimizer update of ``state`` on ``logits_loss`` of its training-mode forward pass."""
     dropout_key = jax.random.fold_in(state.rng, state.step)
 
@@ -83,8 +85,12 @@ def distill_step(
             (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32),
             batch["mask"],
         )
-        return loss, {"loss": loss, "hard_ce": hard, "soft_kl": soft,
-                      "teacher_agreement": agreement}
+        return loss, {
+            "loss": loss,
+            "hard_ce": hard,
+            "soft_kl": soft,
+            "teacher_agreement": agreement,
+        }
 
     return _apply_loss(state, batch, logits_loss)
 

@@ -1,0 +1,213 @@
+"""The whole job end to end, on digits and on real MNIST, and every bad input it refuses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from kdjax.configs import default
+from kdjax.errors import ConfigError, DataError, WorkdirError
+from kdjax.pipeline import run
+
+
+def _digits_config(epochs=12):
+    config = default.get_config()
+    config.teacher.epochs = config.student.epochs = epochs
+    return config
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("digits_run"))
+    return workdir, run(_digits_config(), workdir)
+
+
+def test_digits_run_writes_results_and_checkpoints(digits_run):
+    workdir, results = digits_run
+    assert [r["stage"] for r in results["rows"]] == [
+        "teacher",
+        "student_scratch",
+        "student_distilled",
+    ]
+    by_stage = {r["stage"]: r for r in results["rows"]}
+    assert by_stage["teacher"]["test_accuracy"] > 0.95
+    assert by_stage["student_distilled"]["test_accuracy"] > 0.9
+    assert by_stage["teacher"]["params"] == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    for row in results["rows"]:
+        assert row["test_errors"] == round((1 - row["test_accuracy"]) * 360)
+        assert row["train_examples_per_s"] > 0
+        assert os.path.isfile(os.path.join(workdir, "checkpoints", row["stage"], "model.json"))
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["rows"] == results["rows"]
+    with open(os.path.join(workdir, "results.md")) as f:
+        table = f.read()
+    assert "| student_distilled |" in table and "test errors" in table
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 3 * 12
+    assert {"soft_kl", "hard_ce", "teacher_agreement"} <= set(records[-1])
+
+
+def test_a_second_run_never_overwrites_the_first(digits_run):
+    workdir, _ = digits_run
+    before = {
+        name: os.path.getmtime(os.path.join(workdir, name))
+        for name in ("results.json", "results.md", "config.json")
+    }
+    with pytest.raises(WorkdirError, match="already holds a kdjax run.*--overwrite"):
+        run(_digits_config(), workdir)
+    after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+    assert before == after
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    config = _digits_config(epochs=1)
+    run(config, str(tmp_path))
+    (tmp_path / "results.md").write_text("stale")
+    run(config, str(tmp_path), overwrite=True)
+    assert "stale" not in (tmp_path / "results.md").read_text()
+
+
+def test_teacher_checkpoint_is_reused_not_retrained(digits_run, tmp_path):
+    workdir, first = digits_run
+    config = _digits_config(epochs=2)
+    config.teacher.checkpoint = workdir
+    results = run(config, str(tmp_path))
+    teacher = results["rows"][0]
+    assert teacher["stage"] == "teacher (reused)" and teacher["epochs"] == 0
+    assert teacher["test_errors"] == first["rows"][0]["test_errors"]
+    assert teacher["test_loss"] == pytest.approx(first["rows"][0]["test_loss"], rel=1e-6)
+    assert not os.path.exists(tmp_path / "checkpoints" / "teacher")
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(digits_run, tmp_path):
+    workdir, _ = digits_run
+    config = _digits_config(epochs=1)
+    config.teacher.checkpoint = workdir
+    config.teacher.model.hidden_sizes = (256, 256)
+    with pytest.raises(ConfigError, match="teacher.checkpoint .* holds mlp.*teacher.model is"):
+        run(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("teacher.model.name", "resnet9000", ConfigError, r"teacher.model.name: unknown model"),
+        ("student.model.name", "mpl", ConfigError, r"student.model.name.*Did you mean 'mlp'"),
+        ("dataset.name", "cifar", ConfigError, r"dataset.name: unknown dataset 'cifar'"),
+        ("student.temperature", 0.0, ConfigError, r"student.temperature=0.0 must be > 0"),
+        ("student.temperature", -2.0, ConfigError, r"student.temperature=-2.0 must be > 0"),
+        ("student.alpha", 1.5, ConfigError, r"student.alpha=1.5 must be in \[0, 1\]"),
+        ("student.alpha", -0.1, ConfigError, r"student.alpha=-0.1 must be in \[0, 1\]"),
+        ("student.batch_size", 0, ConfigError, r"student.batch_size=0 must be a whole number"),
+        ("student.batch_size", 5000, ConfigError, r"student.batch_size=5000 is larger than"),
+        ("teacher.optimizer.name", "adamm", ConfigError, r"Did you mean 'adam'"),
+        ("teacher.checkpoint", "/no/such/run", ConfigError, r"teacher.checkpoint=.*does not exist"),
+        (
+            "dataset.raw_dir",
+            "/no/such/dir",
+            None,
+            r"dataset.raw_dir='/no/such/dir' is not a folder",
+        ),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, field, value, error, message):
+    config = _digits_config(epochs=1)
+    if field == "dataset.raw_dir":
+        config.dataset.name = "mnist"
+        error = DataError
+    section, key = field.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    with pytest.raises(error, match=message):
+        run(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_teacher_and_student_with_different_classes_are_refused(tmp_path):
+    config = _digits_config(epochs=1)
+    config.teacher.model.num_classes = 10
+    config.student.model.num_classes = 5
+    with pytest.raises(ConfigError, match=r"teacher.model.num_classes=10 but student.model"):
+        run(config, str(tmp_path / "w"))
+    config.student.model.num_classes = 100
+    config.teacher.model.num_classes = 100
+    with pytest.raises(
+        ConfigError, match=r"student.model.num_classes=100|teacher.model.num_classes=100"
+    ):
+        run(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def _kdjax(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "kdjax", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_runs_the_smoke_config_and_prints_the_table(tmp_path):
+    done = _kdjax(
+        f"--config={REPO}/experiments/digits_cnn.py:smoke",
+        f"--workdir={tmp_path}/run",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| student_distilled |" in done.stdout
+    assert (
+        json.loads((tmp_path / "run" / "config.json").read_text())["teacher"]["model"]["name"]
+        == "cnn"
+    )
+
+
+def test_cli_bad_input_exits_non_zero_with_a_message(tmp_path):
+    done = _kdjax("--config.student.temperature=0", f"--workdir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "kdjax: error: student.temperature=0.0 must be > 0" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.student.temprature=3"], 'Did you mean "temperature"'),
+        (["--config=no_such_config.py"], "cannot load --config"),
+        (["--config.student.alpha=abc"], "could not convert string to float"),
+        (["stray"], "unexpected arguments: stray"),
+    ],
+)
+def test_cli_parse_errors_are_one_line(tmp_path, args, message):
+    done = _kdjax(*args, f"--workdir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("kdjax: error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_mnist_smoke_student_learns(mnist_config, tmp_path):
+    from kdjax.configs import hinton_mlp
+
+    config = hinton_mlp.get_config("smoke")
+    config.dataset.update(mnist_config)
+    results = run(config, str(tmp_path))
+    by_stage = {r["stage"]: r for r in results["rows"]}
+    assert by_stage["teacher"]["test_accuracy"] > 0.95
+    assert by_stage["student_scratch"]["test_accuracy"] > 0.95
+    assert by_stage["student_distilled"]["test_accuracy"] > 0.95
+
+
+@pytest.mark.slow
+def test_mnist_short_teacher_makes_at_most_200_errors(mnist_config, tmp_path):
+    from kdjax.configs import hinton_mlp
+
+    config = hinton_mlp.get_config()
+    config.dataset.update(mnist_config)
+    results = run(config, str(tmp_path))
+    by_stage = {r["stage"]: r for r in results["rows"]}
+    assert by_stage["teacher"]["test_errors"] <= 200
+    assert by_stage["student_distilled"]["test_accuracy"] > 0.97
