@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 # Everything a run writes into its work directory; only these are replaced by --overwrite.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "results.json", "results.md")
-STAGES = ("teacher", "student_scratch", "student_distilled")
 
 
 @dataclasses.dataclass
@@ -114,42 +113,88 @@ def _load_teacher(config: Mapping[str, Any], dataset: Dataset) -> tuple[nn.Modul
     return model, directory
 
 
-def _train_stage(
-    role: str,
-    stage: str,
-    config: Mapping[str, Any],
-    model: nn.Module,
-    train: DeviceSplit,
-    example_images: Any,
-    *,
-    key: jax.Array,
-    step_fn: Any,
-    metrics_path: str,
-) -> StageOutcome:
-    """Initialises ``model`` from ``key`` and trains it with ``step_fn`` per ``config[role]``."""
-    stage_config = config[role]
-    init_key, dropout_key = jax.random.split(key)
-    variables = init_variables(model, init_key, example_images)
-    total_steps = train.steps_per_epoch(stage_config["batch_size"]) * stage_config["epochs"]
-    tx = make_optimizer(
-        stage_config["optimizer"], total_steps=total_steps, field=f"{role}.optimizer"
-    )
-    state = create_train_state(model, variables, tx, dropout_key)
-    result = fit(
-        state,
-        train,
-        step_fn,
-        epochs=stage_config["epochs"],
-        batch_size=stage_config["batch_size"],
-        seed=config["seed"],
-        name=stage,
-        on_epoch_end=lambda epoch, record: append_json_line(
-            metrics_path, {"stage": stage, **record}
-        ),
-    )
-    return StageOutcome(
-        result.state.frozen(), result.wall_time_s, result.examples_per_s, stage_config["epochs"]
-    )
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one run shares: its config, data and work directory."""
+
+    config: Mapping[str, Any]
+    dataset: Dataset
+    workdir: str
+
+    def __post_init__(self) -> None:
+        self.train = DeviceSplit(self.dataset.train)
+        self.test = DeviceSplit(self.dataset.test)
+        self.example_images = self.dataset.train.images[:1]
+        self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+
+    def train_model(
+        self, role: str, stage: str, model: nn.Module, key: jax.Array, step_fn: Any
+    ) -> StageOutcome:
+        """Initialises ``model`` from ``key``; trains it with ``step_fn`` per ``config[role]``."""
+        stage_config = self.config[role]
+        init_key, dropout_key = jax.random.split(key)
+        variables = init_variables(model, init_key, self.example_images)
+        total_steps = (
+            self.train.steps_per_epoch(stage_config["batch_size"]) * stage_config["epochs"]
+        )
+        tx = make_optimizer(
+            stage_config["optimizer"], total_steps=total_steps, field=f"{role}.optimizer"
+        )
+        result = fit(
+            create_train_state(model, variables, tx, dropout_key),
+            self.train,
+            step_fn,
+            epochs=stage_config["epochs"],
+            batch_size=stage_config["batch_size"],
+            seed=self.config["seed"],
+            name=stage,
+            on_epoch_end=lambda epoch, record: append_json_line(
+                self.metrics_path, {"stage": stage, **record}
+            ),
+        )
+        outcome = StageOutcome(
+            result.state.frozen(), result.wall_time_s, result.examples_per_s, stage_config["epochs"]
+        )
+        # Saved as soon as it is trained, so a later stage's failure cannot lose it.
+        checkpoint.save_model(
+            os.path.join(self.workdir, "checkpoints", stage),
+            outcome.model.variables,
+            {
+                "model": _as_json(self.config[role]["model"]),
+                "num_classes": self.dataset.num_classes,
+                "image_shape": list(self.dataset.image_shape),
+                "dataset": self.dataset.name,
+                "stage": stage,
+            },
+        )
+        return outcome
+
+    def restore_teacher(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
+        abstract = jax.eval_shape(lambda: init_variables(model, key, self.example_images))
+        variables = checkpoint.restore_variables(directory, abstract)
+        logger.info("Reusing the teacher in %s.", directory)
+        return StageOutcome(FrozenModel(model.apply, variables), 0.0, None, 0)
+
+    def result_row(self, stage: str, role: str, outcome: StageOutcome) -> dict[str, Any]:
+        scores = evaluate(outcome.model, self.test, self.config["eval_batch_size"])
+        logger.info(
+            "%s: test accuracy %.4f (%d errors of %d)",
+            stage,
+            scores["accuracy"],
+            scores["errors"],
+            scores["count"],
+        )
+        return {
+            "stage": stage,
+            "model": _describe(_as_json(self.config[role]["model"])),
+            "params": count_params(outcome.model.variables["params"]),
+            "test_accuracy": scores["accuracy"],
+            "test_errors": scores["errors"],
+            "test_loss": scores["loss"],
+            "epochs": outcome.epochs,
+            "train_examples_per_s": outcome.examples_per_s,
+            "wall_time_s": outcome.wall_time_s,
+        }
 
 
 def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
@@ -164,11 +209,12 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     check_workdir(workdir, overwrite=overwrite, teacher_checkpoint=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)
-    teacher_model = build_model(
-        config["teacher"]["model"], num_classes=dataset.num_classes, field="teacher.model"
-    )
     if teacher_checkpoint:
         teacher_model, teacher_dir = _load_teacher(config, dataset)
+    else:
+        teacher_model = build_model(
+            config["teacher"]["model"], num_classes=dataset.num_classes, field="teacher.model"
+        )
     student_model = build_model(
         config["student"]["model"], num_classes=dataset.num_classes, field="student.model"
     )
@@ -179,87 +225,28 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         os.path.join(workdir, "config.json"),
         config.to_dict() if hasattr(config, "to_dict") else dict(config),
     )
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    train, test = DeviceSplit(dataset.train), DeviceSplit(dataset.test)
-    example_images = dataset.train.images[:1]
-    root_key = jax.random.key(config["seed"])
+    job = _Run(config, dataset, workdir)
     # Both students start from the same initialisation and see the same batches, so the only
     # difference between them is the teacher.
-    teacher_key, student_key = jax.random.split(root_key)
-    train_stage = functools.partial(
-        _train_stage,
-        config=config,
-        train=train,
-        example_images=example_images,
-        metrics_path=metrics_path,
-    )
-
-    outcomes: dict[str, StageOutcome] = {}
+    teacher_key, student_key = jax.random.split(jax.random.key(config["seed"]))
     if teacher_checkpoint:
-        abstract = jax.eval_shape(
-            lambda: init_variables(teacher_model, teacher_key, example_images)
-        )
-        variables = checkpoint.restore_variables(teacher_dir, abstract)
-        outcomes["teacher"] = StageOutcome(
-            FrozenModel(teacher_model.apply, variables), 0.0, None, 0
-        )
-        logger.info("Reusing the teacher in %s.", teacher_dir)
+        teacher = job.restore_teacher(teacher_model, teacher_dir, teacher_key)
     else:
-        outcomes["teacher"] = train_stage(
-            "teacher", "teacher", model=teacher_model, key=teacher_key, step_fn=train_step
-        )
-    outcomes["student_scratch"] = train_stage(
-        "student", "student_scratch", model=student_model, key=student_key, step_fn=train_step
-    )
+        teacher = job.train_model("teacher", "teacher", teacher_model, teacher_key, train_step)
+    scratch = job.train_model("student", "student_scratch", student_model, student_key, train_step)
     distill = functools.partial(
         distill_step,
-        teacher=outcomes["teacher"].model,
+        teacher=teacher.model,
         temperature=jnp.float32(config["student"]["temperature"]),
         alpha=jnp.float32(config["student"]["alpha"]),
     )
-    outcomes["student_distilled"] = train_stage(
-        "student", "student_distilled", model=student_model, key=student_key, step_fn=distill
-    )
+    distilled = job.train_model("student", "student_distilled", student_model, student_key, distill)
 
-    rows = []
-    for stage in STAGES:
-        outcome = outcomes[stage]
-        role = "teacher" if stage == "teacher" else "student"
-        model_config = _as_json(config[role]["model"])
-        if not (stage == "teacher" and teacher_checkpoint):
-            checkpoint.save_model(
-                os.path.join(workdir, "checkpoints", stage),
-                outcome.model.variables,
-                {
-                    "model": model_config,
-                    "num_classes": dataset.num_classes,
-                    "image_shape": list(dataset.image_shape),
-                    "dataset": dataset.name,
-                    "stage": stage,
-                },
-            )
-        scores = evaluate(outcome.model, test, config["eval_batch_size"])
-        rows.append(
-            {
-                "stage": stage + (" (reused)" if stage == "teacher" and teacher_checkpoint else ""),
-                "model": _describe(model_config),
-                "params": count_params(outcome.model.variables["params"]),
-                "test_accuracy": scores["accuracy"],
-                "test_errors": scores["errors"],
-                "test_loss": scores["loss"],
-                "epochs": outcome.epochs,
-                "train_examples_per_s": outcome.examples_per_s,
-                "wall_time_s": outcome.wall_time_s,
-            }
-        )
-        logger.info(
-            "%s: test accuracy %.4f (%d errors of %d)",
-            stage,
-            scores["accuracy"],
-            scores["errors"],
-            scores["count"],
-        )
-
+    rows = [
+        job.result_row("teacher (reused)" if teacher_checkpoint else "teacher", "teacher", teacher),
+        job.result_row("student_scratch", "student", scratch),
+        job.result_row("student_distilled", "student", distilled),
+    ]
     results = {
         "name": config.get("name", "kdjax"),
         "dataset": {
