@@ -90,6 +90,28 @@ def _number(config: Mapping[str, Any], path: str) -> float:
     return float(value)
 
 
+def _non_negative_int(config: Mapping[str, Any], path: str) -> int:
+    value = _require(config, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}={value!r} must be a whole number >= 0.")
+    return value
+
+
+def _check_optimizer(config: Mapping[str, Any], path: str) -> None:
+    learning_rate = _number(config, f"{path}.learning_rate")
+    if learning_rate <= 0:
+        raise ConfigError(
+            f"{path}.learning_rate={learning_rate} must be > 0 (typical: 0.01-0.1 for sgd)."
+        )
+    optimizer = _require(config, path)
+    if "momentum" in optimizer and not 0.0 <= _number(config, f"{path}.momentum") < 1.0:
+        raise ConfigError(f"{path}.momentum={optimizer['momentum']} must be in [0, 1).")
+    if "weight_decay" in optimizer and _number(config, f"{path}.weight_decay") < 0:
+        raise ConfigError(f"{path}.weight_decay={optimizer['weight_decay']} must be >= 0.")
+    if "warmup_steps" in optimizer:
+        _non_negative_int(config, f"{path}.warmup_steps")
+
+
 def validate_config(config: Mapping[str, Any]) -> None:
     """Raises :class:`ConfigError` naming the first field kdjax cannot use, and how to fix it.
 
@@ -98,7 +120,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
     """
     DATASETS.get(_require(config, "dataset.name"), field="dataset.name")
     _positive_int(config, "eval_batch_size")
-    _require(config, "seed")
+    _non_negative_int(config, "seed")
     for role in ROLES:
         # Building a module only checks its name and fields; nothing is initialised.
         model_config = _require(config, f"{role}.model")
@@ -111,8 +133,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
         SCHEDULES.get(
             _require(config, f"{role}.optimizer.schedule"), field=f"{role}.optimizer.schedule"
         )
-        if _number(config, f"{role}.optimizer.learning_rate") <= 0:
-            raise ConfigError(f"{role}.optimizer.learning_rate must be > 0.")
+        _check_optimizer(config, f"{role}.optimizer")
     classes = {r: config[r]["model"].get("num_classes") for r in ROLES}
     if None not in classes.values() and classes["teacher"] != classes["student"]:
         raise ConfigError(

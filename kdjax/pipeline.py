@@ -68,6 +68,15 @@ def _describe(model_config: Mapping[str, Any]) -> str:
 
 def check_workdir(workdir: str, *, overwrite: bool, teacher_checkpoint: str) -> None:
     """Refuses to replace an earlier run unless asked, and never a teacher we are about to reuse."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} is a file, not a folder: choose another path.")
+    ancestor = os.path.abspath(workdir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WorkdirError(
+            f"--workdir {workdir}: {ancestor} is not a writable folder: choose another path."
+        )
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(workdir, f))]
     if existing and not overwrite:
         raise WorkdirError(

@@ -107,6 +107,14 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(digits_run, tmp_p
         ("student.batch_size", 5000, ConfigError, r"student.batch_size=5000 is larger than"),
         ("teacher.optimizer.name", "adamm", ConfigError, r"Did you mean 'adam'"),
         ("teacher.checkpoint", "/no/such/run", ConfigError, r"teacher.checkpoint=.*does not exist"),
+        ("seed", -1, ConfigError, r"seed=-1 must be a whole number >= 0"),
+        ("teacher.optimizer.learning_rate", 0.0, ConfigError, r"learning_rate=0.0 must be > 0"),
+        ("student.optimizer.momentum", -0.1, ConfigError, r"momentum=-0.1 must be in \[0, 1\)"),
+        ("student.optimizer.momentum", 1.0, ConfigError, r"momentum=1.0 must be in \[0, 1\)"),
+        ("teacher.optimizer.weight_decay", float("nan"), ConfigError, r"must be a finite number"),
+        ("student.optimizer.warmup_steps", -5, ConfigError, r"warmup_steps=-5 must be a whole"),
+        ("teacher.model.dropout_rate", 1.0, ConfigError, r"dropout_rate=1.0 must be in \[0, 1\)"),
+        ("student.model.hidden_sizes", (0,), ConfigError, r"hidden_sizes=\(0,\) must hold whole"),
         (
             "dataset.raw_dir",
             "/no/such/dir",
@@ -120,9 +128,9 @@ def test_bad_input_fails_before_any_work(tmp_path, field, value, error, message)
     if field == "dataset.raw_dir":
         config.dataset.name = "mnist"
         error = DataError
-    section, key = field.rsplit(".", 1)
+    *sections, key = field.split(".")
     node = config
-    for part in section.split("."):
+    for part in sections:
         node = node[part]
     node[key] = value
     with pytest.raises(error, match=message):
@@ -211,3 +219,13 @@ def test_mnist_short_teacher_makes_at_most_200_errors(mnist_config, tmp_path):
     by_stage = {r["stage"]: r for r in results["rows"]}
     assert by_stage["teacher"]["test_errors"] <= 200
     assert by_stage["student_distilled"]["test_accuracy"] > 0.97
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    with pytest.raises(WorkdirError, match=r"is a file, not a folder"):
+        run(_digits_config(epochs=1), str(path))
+    with pytest.raises(WorkdirError, match=r"is not a writable folder"):
+        run(_digits_config(epochs=1), str(path / "run"))
+    assert path.read_text() == "keep me"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from kdjax.models.factory import MODELS
+from kdjax.models.factory import MODELS, check_rate, check_widths
 
 
 @MODELS.register("cnn")
@@ -22,6 +22,12 @@ class SmallCNN(nn.Module):
     dense_size: int = 128
     batch_norm: bool = True
     dropout_rate: float = 0.0  # before the classifier, during training only
+
+    def __post_init__(self) -> None:
+        check_widths("channels", self.channels, allow_empty=False)
+        check_widths("dense_size", (self.dense_size,), allow_empty=False)
+        check_rate("dropout_rate", self.dropout_rate)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:

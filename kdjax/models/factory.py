@@ -28,6 +28,22 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+def check_widths(name: str, widths: Any, *, allow_empty: bool) -> None:
+    """Layer widths must be whole numbers >= 1 (ValueError, turned into a ConfigError)."""
+    widths = tuple(widths) if isinstance(widths, list | tuple) else (widths,)
+    if not widths and not allow_empty:
+        raise ValueError(f"{name} must list at least one width")
+    for width in widths:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"{name}={widths} must hold whole numbers >= 1")
+
+
+def check_rate(name: str, rate: Any) -> None:
+    """A dropout rate must be a number in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}={rate!r} must be in [0, 1)")
+
+
 def build_model(model_config: Mapping[str, Any], *, num_classes: int, field: str) -> nn.Module:
     """Instantiates ``model_config["name"]`` with the remaining entries as its fields.
 

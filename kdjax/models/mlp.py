@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from kdjax.models.factory import MODELS
+from kdjax.models.factory import MODELS, check_rate, check_widths
 
 
 @MODELS.register("mlp")
@@ -22,6 +22,12 @@ class MLP(nn.Module):
     hidden_sizes: Sequence[int] = (800, 800)
     dropout_rate: float = 0.0  # on each hidden layer, during training only
     input_dropout_rate: float = 0.0  # on the input pixels, during training only
+
+    def __post_init__(self) -> None:
+        check_widths("hidden_sizes", self.hidden_sizes, allow_empty=True)
+        check_rate("dropout_rate", self.dropout_rate)
+        check_rate("input_dropout_rate", self.input_dropout_rate)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
