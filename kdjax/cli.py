@@ -72,7 +72,7 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])} (see kdjax --help)")
     from kdjax.errors import KdjaxError  # imports jax: after flag parsing keeps --help fast
-    from kdjax.pipeline import run
+    from kdjax.runners import get_runner
 
     # kdjax's own progress at INFO; other libraries (orbax, TFDS) from WARNING up, unless the
     # user sets --verbosity.
@@ -89,7 +89,7 @@ def _main(argv: list[str]) -> None:
     )
     logging.getLogger("kdjax").info("Work directory: %s", workdir)
     try:
-        results = run(config, workdir, overwrite=FLAGS.overwrite)
+        results = get_runner(config)(config, workdir, overwrite=FLAGS.overwrite)
     except KdjaxError as err:
         _fail(str(err))
     with open(os.path.join(workdir, "results.md")) as f:

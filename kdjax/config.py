@@ -37,32 +37,41 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
         weight_decay=0.0,  # L2 coefficient (decoupled for adamw)
         schedule="cosine",  # constant | cosine | linear (decay to 0 over the stage)
         warmup_steps=0,  # linear warm-up from 0 before the schedule
+        max_norm=0.0,  # > 0: cap each unit's incoming weight norm after every update
     )
     return ml_collections.ConfigDict(defaults | overrides)
 
 
 def stage_config(
-    *, model: Mapping[str, Any], epochs: int, batch_size: int, **optimizer: Any
+    *,
+    model: Mapping[str, Any],
+    epochs: int,
+    batch_size: int,
+    max_shift: int = 0,
+    **optimizer: Any,
 ) -> ml_collections.ConfigDict:
-    """One model's training: its architecture, epochs, batch size and optimizer."""
+    """One model's training: its architecture, epochs, batch size, augmentation and optimizer."""
     return ml_collections.ConfigDict(
         dict(
             model=dict(model),  # {"name": registered model, **its fields}
             epochs=epochs,
             batch_size=batch_size,
+            max_shift=max_shift,  # jitter: translate each image by up to this many pixels
             optimizer=optimizer_config(**optimizer),
         )
     )
 
 
 def dataset_config(
-    name: str, raw_dir: str = "", tfds_data_dir: str = ""
+    name: str, raw_dir: str = "", tfds_data_dir: str = "", validation_examples: int = 0
 ) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             name=name,  # digits | mnist | fashion_mnist
             raw_dir=raw_dir,  # folder of the original raw files; empty: TFDS downloads
             tfds_data_dir=tfds_data_dir,  # where TFDS keeps prepared data; empty: its default
+            # > 0: hold out this many training examples (a fixed choice) for validation
+            validation_examples=validation_examples,
         )
     )
 
@@ -108,8 +117,23 @@ def _check_optimizer(config: Mapping[str, Any], path: str) -> None:
         raise ConfigError(f"{path}.momentum={optimizer['momentum']} must be in [0, 1).")
     if "weight_decay" in optimizer and _number(config, f"{path}.weight_decay") < 0:
         raise ConfigError(f"{path}.weight_decay={optimizer['weight_decay']} must be >= 0.")
+    if "max_norm" in optimizer and _number(config, f"{path}.max_norm") < 0:
+        raise ConfigError(f"{path}.max_norm={optimizer['max_norm']} must be >= 0 (0: off).")
     if "warmup_steps" in optimizer:
         _non_negative_int(config, f"{path}.warmup_steps")
+
+
+def check_seeds(config: Mapping[str, Any]) -> list[int]:
+    """``seeds``: a non-empty list of distinct whole numbers >= 0 (one population member each)."""
+    seeds = _require(config, "seeds")
+    if isinstance(seeds, int | str) or not seeds:
+        raise ConfigError(f"seeds={seeds!r} must be a non-empty list, e.g. --config.seeds=0,1,2.")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seeds={list(seeds)!r}: each seed must be a whole number >= 0.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)!r} repeats a seed: list each seed once.")
+    return list(seeds)
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -120,7 +144,12 @@ def validate_config(config: Mapping[str, Any]) -> None:
     """
     DATASETS.get(_require(config, "dataset.name"), field="dataset.name")
     _positive_int(config, "eval_batch_size")
-    _non_negative_int(config, "seed")
+    if "seeds" in config:
+        check_seeds(config)
+    else:
+        _non_negative_int(config, "seed")
+    if "validation_examples" in config["dataset"]:
+        _non_negative_int(config, "dataset.validation_examples")
     for role in ROLES:
         # Building a module only checks its name and fields; nothing is initialised.
         model_config = _require(config, f"{role}.model")
@@ -134,6 +163,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
             _require(config, f"{role}.optimizer.schedule"), field=f"{role}.optimizer.schedule"
         )
         _check_optimizer(config, f"{role}.optimizer")
+        if "max_shift" in config[role]:
+            _non_negative_int(config, f"{role}.max_shift")
     classes = {r: config[r]["model"].get("num_classes") for r in ROLES}
     if None not in classes.values() and classes["teacher"] != classes["student"]:
         raise ConfigError(

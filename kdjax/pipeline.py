@@ -92,7 +92,7 @@ def check_workdir(workdir: str, *, overwrite: bool, teacher_checkpoint: str) -> 
             )
 
 
-def _clear_run_files(workdir: str) -> None:
+def clear_run_files(workdir: str) -> None:
     for name in RUN_FILES:
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
@@ -152,7 +152,7 @@ class _Run:
         result = fit(
             create_train_state(model, variables, tx, dropout_key),
             self.train,
-            step_fn,
+            functools.partial(step_fn, max_shift=stage_config.get("max_shift", 0)),
             epochs=stage_config["epochs"],
             batch_size=stage_config["batch_size"],
             seed=self.config["seed"],
@@ -229,7 +229,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     )
 
     os.makedirs(workdir, exist_ok=True)
-    _clear_run_files(workdir)
+    clear_run_files(workdir)
     write_json_atomic(
         os.path.join(workdir, "config.json"),
         config.to_dict() if hasattr(config, "to_dict") else dict(config),

@@ -3,12 +3,16 @@
 The whole split is put on the device once; a batch is a gather by an index vector. The order of
 epoch ``e`` depends only on ``(seed, e)``, so a run can be resumed at any step and see exactly
 the batches it would have seen.
+
+A *population* (several seeds trained side by side, :mod:`kdjax.train.population`) asks for
+batches with a list of seeds: every array of the batch then has a leading member axis, and
+member ``m`` sees exactly the batches a lone run with ``seeds[m]`` would see.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypedDict
+from collections.abc import Iterator, Sequence
+from typing import NotRequired, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +25,25 @@ class Batch(TypedDict):
     image: jax.Array  # [batch, height, width, channels] float32
     label: jax.Array  # [batch] int32
     mask: jax.Array  # [batch] bool; false rows are padding and count for nothing
+    teacher_logits: NotRequired[jax.Array]  # [batch, classes], when the split carries them
 
 
 @jax.jit
-def _gather(images: jax.Array, labels: jax.Array, index: jax.Array, mask: jax.Array) -> Batch:
-    return Batch(image=images[index], label=labels[index], mask=mask)
+def _gather(
+    images: jax.Array,
+    labels: jax.Array,
+    teacher_logits: jax.Array | None,
+    index: jax.Array,
+    mask: jax.Array,
+) -> Batch:
+    mask = jnp.broadcast_to(mask, index.shape)
+    batch = Batch(image=images[index], label=labels[index], mask=mask)
+    if teacher_logits is not None:
+        if index.ndim == 2 and teacher_logits.ndim == 3:  # each member its own teacher
+            batch["teacher_logits"] = jax.vmap(lambda t, i: t[i])(teacher_logits, index)
+        else:
+            batch["teacher_logits"] = teacher_logits[index]
+    return batch
 
 
 def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -36,22 +54,38 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
 class DeviceSplit:
     """A split held on the device, served as fixed-shape batches."""
 
-    def __init__(self, split: Split):
+    def __init__(self, split: Split, teacher_logits: jax.Array | np.ndarray | None = None):
+        """``teacher_logits``: ``[examples, classes]``, or ``[members, examples, classes]`` for
+        a population whose members each have their own teacher; served as
+        ``batch["teacher_logits"]``."""
         self.num_examples = len(split)
         self.images = jax.device_put(split.images)
         self.labels = jax.device_put(split.labels)
+        self.teacher_logits = None if teacher_logits is None else jax.device_put(teacher_logits)
+        if self.teacher_logits is not None and self.teacher_logits.shape[-2] != len(split):
+            raise ValueError(
+                f"teacher_logits {self.teacher_logits.shape} must have {len(split)} examples"
+            )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.num_examples // batch_size
 
-    def train_batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[Batch]:
+    def train_batches(
+        self, batch_size: int, *, seed: int | Sequence[int], epoch: int
+    ) -> Iterator[Batch]:
         """Shuffled full batches; the last ``num_examples % batch_size`` examples of each
-        epoch's order are left out (a different few each epoch)."""
-        order = epoch_order(self.num_examples, seed=seed, epoch=epoch)
+        epoch's order are left out (a different few each epoch).
+
+        ``seed`` a list: one order per seed, batches ``[members, batch, ...]``.
+        """
+        seeds = [seed] if isinstance(seed, int | np.integer) else list(seed)
+        order = np.stack([epoch_order(self.num_examples, seed=s, epoch=epoch) for s in seeds])
+        if isinstance(seed, int | np.integer):
+            order = order[0]
         mask = jnp.ones((batch_size,), dtype=bool)
         for step in range(self.steps_per_epoch(batch_size)):
-            index = order[step * batch_size : (step + 1) * batch_size].astype(np.int32)
-            yield _gather(self.images, self.labels, index, mask)
+            index = order[..., step * batch_size : (step + 1) * batch_size].astype(np.int32)
+            yield _gather(self.images, self.labels, self.teacher_logits, index, mask)
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every example once, in order; the last batch is padded and its padding masked."""
@@ -59,4 +93,4 @@ class DeviceSplit:
             index = np.arange(start, start + batch_size)
             valid = index < self.num_examples
             index = np.where(valid, index, 0).astype(np.int32)
-            yield _gather(self.images, self.labels, index, valid)
+            yield _gather(self.images, self.labels, None, index, valid)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,37 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index: np.ndarray) -> Split:
+        """The examples at ``index`` (integers or a boolean mask), in that order."""
+        return Split(self.images[index], self.labels[index])
+
+    def with_classes(self, *, keep: Sequence[int] = (), drop: Sequence[int] = ()) -> Split:
+        """Only the examples of the classes in ``keep`` (all if empty), minus those in ``drop``:
+        Hinton et al.'s transfer sets without 3s, or of only 7s and 8s."""
+        chosen = np.isin(self.labels, keep) if keep else np.ones(len(self), bool)
+        return self.take(chosen & ~np.isin(self.labels, drop))
+
+
+def validation_indices(num_examples: int, num_validation: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed carve-out of ``num_validation`` of ``num_examples``: (kept, held out), sorted.
+
+    It depends only on the two sizes, never on a run's seed, so every run and every seed of a
+    config is validated on the same examples and none of them trains on them.
+    """
+    if not 0 < num_validation < num_examples:
+        raise DataError(
+            f"validation_examples={num_validation} must be between 1 and {num_examples - 1} "
+            f"(the training split has {num_examples} examples)."
+        )
+    order = np.random.default_rng(num_examples).permutation(num_examples)
+    return np.sort(order[num_validation:]), np.sort(order[:num_validation])
+
+
+def split_off_validation(train: Split, num_validation: int) -> tuple[Split, Split]:
+    """``train`` less a fixed :func:`validation_indices` carve-out: (rest, validation)."""
+    kept, held_out = validation_indices(len(train), num_validation)
+    return train.take(kept), train.take(held_out)
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -30,6 +61,7 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    validation: Split | None = None  # carved from the training data when the config asks
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -45,6 +77,10 @@ def load_dataset(dataset_config: Mapping[str, Any]) -> Dataset:
     loader = DATASETS.get(dataset_config["name"], field="dataset.name")
     dataset = loader(dataset_config)
     check_dataset(dataset)
+    num_validation = dataset_config.get("validation_examples", 0)
+    if num_validation:
+        train, validation = split_off_validation(dataset.train, num_validation)
+        dataset = dataclasses.replace(dataset, train=train, validation=validation)
     return dataset
 
 

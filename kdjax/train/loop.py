@@ -1,14 +1,21 @@
-"""The epoch loop shared by every stage: it feeds batches to a jitted step and times it."""
+"""The epoch loop shared by every stage: it feeds batches to a jitted step and times it.
+
+The same loop trains one model (``seed`` an int) or a population (``seed`` a list, one per
+member; :mod:`kdjax.train.population`): then batches, metrics and the history carry a member
+axis.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax.data.batching import Batch, DeviceSplit
 from kdjax.train.state import TrainState
@@ -18,15 +25,17 @@ logger = logging.getLogger(__name__)
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 # Called with (epoch, mean metrics of that epoch) after each epoch.
-EpochCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[int, dict[str, float | list[float]]], None]
 
 
 @dataclasses.dataclass
 class FitResult:
     state: TrainState
-    history: list[dict[str, float]]  # one record of mean training metrics per epoch
+    # One record of mean training metrics per epoch (a list per metric for a population).
+    history: list[dict[str, float | list[float]]]
     wall_time_s: float  # everything, compilation included
-    examples_per_s: float  # steady state: the first (compiling) step is left out
+    # Steady state, summed over members: the first (compiling) step is left out.
+    examples_per_s: float
 
 
 def fit(
@@ -36,11 +45,16 @@ def fit(
     *,
     epochs: int,
     batch_size: int,
-    seed: int,
+    seed: int | Sequence[int],
     name: str = "train",
     on_epoch_end: EpochCallback | None = None,
 ) -> FitResult:
-    """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``."""
+    """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``.
+
+    ``seed`` orders the batches; a list of seeds trains a population (``state`` and
+    ``step_fn`` with a member axis), each member on its own seed's order.
+    """
+    members = 1 if isinstance(seed, int) else len(seed)
     start = time.perf_counter()
     steady_start, steady_examples = None, 0
     history = []
@@ -54,8 +68,10 @@ def fit(
                 jax.block_until_ready(state)
                 steady_start = time.perf_counter()
             else:
-                steady_examples += batch_size
-        record = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
+                steady_examples += batch_size * members
+        record: dict[str, Any] = {
+            k: _mean_over_steps(v, steps) for k, v in jax.device_get(sums).items()
+        }
         record["epoch"] = epoch + 1
         history.append(record)
         logger.info(
@@ -63,7 +79,7 @@ def fit(
             name,
             epoch + 1,
             epochs,
-            ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
+            ", ".join(_format(k, v) for k, v in record.items() if k != "epoch"),
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -76,3 +92,14 @@ def fit(
         wall_time_s=end - start,
         examples_per_s=steady_examples / steady if steady > 0 else float("nan"),
     )
+
+
+def _mean_over_steps(total: Any, steps: int) -> float | list[float]:
+    mean = np.asarray(total, dtype=np.float64) / steps
+    return float(mean) if mean.ndim == 0 else [float(x) for x in mean]
+
+
+def _format(name: str, value: float | list[float]) -> str:
+    if isinstance(value, list):
+        return f"{name}=[{' '.join(f'{x:.4f}' for x in value)}]"
+    return f"{name}={value:.4f}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from kdjax.errors import ConfigError
@@ -53,11 +55,39 @@ def _adamw(lr: optax.Schedule, cfg: Mapping[str, Any]) -> optax.GradientTransfor
     return optax.adamw(lr, weight_decay=cfg.get("weight_decay", 0.0))
 
 
+def max_norm_projection(max_norm: float) -> optax.GradientTransformation:
+    """After the update, rescales each unit's incoming weights to an L2 norm of at most
+    ``max_norm`` (Srivastava et al.'s max-norm constraint, which Hinton et al.'s dropout
+    teacher used).
+
+    Only kernels (leaves with two or more axes) are constrained; the norm runs over every axis
+    but the last (the output units). It is written as a final optax stage that turns the
+    update into ``project(params + update) - params``.
+    """
+
+    def project(kernel: jax.Array) -> jax.Array:
+        if kernel.ndim < 2:
+            return kernel
+        axes = tuple(range(kernel.ndim - 1))
+        norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=axes, keepdims=True))
+        return kernel * jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("max_norm_projection needs the parameters: pass params to update.")
+        new_params = optax.apply_updates(params, updates)
+        projected = jax.tree_util.tree_map(project, new_params)
+        return jax.tree_util.tree_map(jnp.subtract, projected, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(
     cfg: Mapping[str, Any], *, total_steps: int, field: str
 ) -> optax.GradientTransformation:
     """Builds ``cfg["name"]`` with a ``cfg["schedule"]`` learning rate peaking at
-    ``cfg["learning_rate"]``, after ``cfg["warmup_steps"]`` steps of linear warm-up."""
+    ``cfg["learning_rate"]``, after ``cfg["warmup_steps"]`` steps of linear warm-up; a
+    positive ``cfg["max_norm"]`` adds :func:`max_norm_projection`."""
     schedule_fn = SCHEDULES.get(cfg.get("schedule", "constant"), field=f"{field}.schedule")
     optimizer_fn = OPTIMIZERS.get(cfg["name"], field=f"{field}.name")
     peak = float(cfg["learning_rate"])
@@ -67,4 +97,6 @@ def make_optimizer(
     lr = schedule_fn(peak, max(total_steps - warmup, 1))
     if warmup:
         lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), lr], [warmup])
-    return optimizer_fn(lr, cfg)
+    tx = optimizer_fn(lr, cfg)
+    max_norm = float(cfg.get("max_norm", 0.0))
+    return optax.chain(tx, max_norm_projection(max_norm)) if max_norm > 0 else tx

@@ -3,7 +3,12 @@
 - :func:`train_step`: hard-label training (teacher fitting, students from scratch).
 - :func:`distill_step`: Hinton KD; the teacher is a separate :class:`FrozenModel` applied in
   inference mode under ``stop_gradient`` and never seen by the optimizer.
+- :func:`distill_from_logits_step`: the same update from teacher logits computed beforehand
+  (``batch["teacher_logits"]``): an unaugmented transfer set needs the teacher only once.
 - :func:`eval_step`: counts correct predictions over the valid rows of a batch.
+
+``max_shift`` (static) jitters the training images by up to that many pixels, drawn from the
+step's key. All training steps are vmapped unchanged into :mod:`kdjax.train.population`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kdjax.data.augment import random_translate
 from kdjax.data.batching import Batch
 from kdjax.losses import cross_entropy, soft_kl
 from kdjax.losses.classification import masked_mean, mix_hard_soft
 from kdjax.train.state import FrozenModel, TrainState
 
 Metrics = dict[str, jax.Array]
+_JITTER_STREAM = 1  # folded into a step's dropout key to give its jitter key
 # A loss function maps the student's logits to (loss, metrics to log).
 LogitsLoss = Callable[[jax.Array], tuple[jax.Array, Metrics]]
 
@@ -29,16 +36,30 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
     return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
 
 
+def _step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """(dropout key, jitter key) of this step: a pure function of the run's key and step.
+
+    The dropout key is ``fold_in(rng, step)`` whether or not the images are jittered, so adding
+    jitter to a config leaves its dropout masks as they were.
+    """
+    dropout_key = jax.random.fold_in(state.rng, state.step)
+    return dropout_key, jax.random.fold_in(dropout_key, _JITTER_STREAM)
+
+
+def _training_images(state: TrainState, batch: Batch, max_shift: int) -> jax.Array:
+    return random_translate(batch["image"], _step_keys(state)[1], max_shift)
+
+
 def _apply_loss(
-    state: TrainState, batch: Batch, logits_loss: LogitsLoss
+    state: TrainState, images: jax.Array, batch: Batch, logits_loss: LogitsLoss
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update of ``state`` on ``logits_loss`` of its training-mode forward pass."""
-    dropout_key = jax.random.fold_in(state.rng, state.step)
+    dropout_key, _ = _step_keys(state)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
         (logits, _), updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             rngs={"dropout": dropout_key},
             mutable=["batch_stats"],
@@ -52,30 +73,56 @@ def _apply_loss(
     return state, metrics
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
+def train_step(
+    state: TrainState, batch: Batch, *, max_shift: int = 0
+) -> tuple[TrainState, Metrics]:
     """Minimises the hard-label cross-entropy."""
 
     def logits_loss(logits: jax.Array) -> tuple[jax.Array, Metrics]:
         loss = cross_entropy(logits, batch["label"], batch["mask"])
         return loss, {"loss": loss}
 
-    return _apply_loss(state, batch, logits_loss)
+    return _apply_loss(state, _training_images(state, batch, max_shift), batch, logits_loss)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
 def distill_step(
     state: TrainState,
     batch: Batch,
     teacher: FrozenModel,
     temperature: jax.Array,
     alpha: jax.Array,
+    *,
+    max_shift: int = 0,
 ) -> tuple[TrainState, Metrics]:
     """Minimises ``(1 - alpha) * cross_entropy + alpha * soft_kl(T)`` against ``teacher``.
 
-    ``temperature`` and ``alpha`` are traced, so changing them does not recompile.
+    ``temperature`` and ``alpha`` are traced, so changing them does not recompile. With
+    ``max_shift`` the teacher sees the same jittered images as the student.
     """
-    teacher_logits = jax.lax.stop_gradient(teacher(batch["image"])[0])
+    images = _training_images(state, batch, max_shift)
+    teacher_logits = teacher(images)[0]
+    return _distill(state, images, batch, teacher_logits, temperature, alpha)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def distill_from_logits_step(
+    state: TrainState, batch: Batch, temperature: jax.Array, alpha: jax.Array
+) -> tuple[TrainState, Metrics]:
+    """:func:`distill_step` with the teacher's logits given in ``batch["teacher_logits"]``."""
+    return _distill(state, batch["image"], batch, batch["teacher_logits"], temperature, alpha)
+
+
+def _distill(
+    state: TrainState,
+    images: jax.Array,
+    batch: Batch,
+    teacher_logits: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+) -> tuple[TrainState, Metrics]:
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
 
     def logits_loss(logits: jax.Array) -> tuple[jax.Array, Metrics]:
         hard = cross_entropy(logits, batch["label"], batch["mask"])
@@ -92,7 +139,7 @@ def distill_step(
             "teacher_agreement": agreement,
         }
 
-    return _apply_loss(state, batch, logits_loss)
+    return _apply_loss(state, images, batch, logits_loss)
 
 
 @jax.jit
