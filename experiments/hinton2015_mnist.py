@@ -1,8 +1,7 @@
 """Hinton, Vinyals & Dean (2015), section 3, on MNIST: the table, both transfer experiments and
 a temperature sweep, each row a population of 3 seeds trained in one compiled program.
 
-Command:   kdjax --config=experiments/hinton2015_mnist.py \
-               --workdir=experiments/results/hinton2015_mnist \
+Command:   kdjax --config=experiments/hinton2015_mnist.py --workdir=runs/hinton2015_mnist \
                --config.dataset.raw_dir=../shared/data/mnist     # offline; omit to download
 Smoke:     --config=experiments/hinton2015_mnist.py:smoke (tiny nets, 1 epoch, ~1 minute)
 One part:  --config.parts=table   (or omitted, kept, sweep; a rerun in the same --workdir
@@ -31,6 +30,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.name = "hinton2015_mnist"
     config.parts = "table,omitted,kept,sweep"  # comma-separated; see the runner's docstring
     config.seeds = (0, 1, 2)  # one population member each; tables report mean ± std
+    # Besides the work directory, results.json and .md are written here as <name>.json / .md.
+    config.results_dir = "experiments/results"
     config.eval_batch_size = 1000
     config.dataset = dataset_config("mnist")
     sgd = dict(learning_rate=0.1, momentum=0.9, nesterov=True, warmup_steps=STEPS_PER_EPOCH)
@@ -67,6 +68,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     )
     if variant == "smoke":
         config.name = "hinton2015_mnist_smoke"
+        config.results_dir = ""  # a smoke run publishes nothing
         config.seeds = (0, 1)
         config.teacher.model.hidden_sizes = (64, 64)
         config.student.model.hidden_sizes = (32, 32)

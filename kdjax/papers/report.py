@@ -150,5 +150,11 @@ def write_report(
             "test_examples": len(dataset.test),
         },
     }
+    markdown = results_markdown(results)
     write_json_atomic(os.path.join(workdir, "results.json"), results)
-    write_text_atomic(os.path.join(workdir, "results.md"), results_markdown(results))
+    write_text_atomic(os.path.join(workdir, "results.md"), markdown)
+    # The copy that is committed: the results without the work directory's checkpoints.
+    published = config.get("results_dir", "")
+    if published:
+        write_json_atomic(os.path.join(published, f"{results['name']}.json"), results)
+        write_text_atomic(os.path.join(published, f"{results['name']}.md"), markdown)
