@@ -133,6 +133,8 @@ class _Run:
     def __post_init__(self) -> None:
         self.train = DeviceSplit(self.dataset.train)
         self.test = DeviceSplit(self.dataset.test)
+        validation = self.dataset.validation
+        self.validation = None if validation is None else DeviceSplit(validation)
         self.example_images = self.dataset.train.images[:1]
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
 
@@ -203,7 +205,15 @@ class _Run:
             "epochs": outcome.epochs,
             "train_examples_per_s": outcome.examples_per_s,
             "wall_time_s": outcome.wall_time_s,
-        }
+        } | self._validation_scores(outcome)
+
+    def _validation_scores(self, outcome: StageOutcome) -> dict[str, Any]:
+        """Accuracy on the held-out training examples, when ``dataset.validation_examples``
+        asks for them: the number to choose settings by, where test accuracy must not be."""
+        if self.validation is None:
+            return {}
+        scores = evaluate(outcome.model, self.validation, self.config["eval_batch_size"])
+        return {"validation_accuracy": scores["accuracy"], "validation_errors": scores["errors"]}
 
 
 def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
@@ -213,6 +223,11 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     trained or written.
     """
     start = time.perf_counter()
+    if "seeds" in config:
+        raise ConfigError(
+            "seeds: the pipeline runner trains one seed; set seed instead, or use a population "
+            "runner (runner='hinton2015', see experiments/hinton2015_mnist.py)."
+        )
     validate_config(config)
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
     check_workdir(workdir, overwrite=overwrite, teacher_checkpoint=teacher_checkpoint)

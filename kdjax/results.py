@@ -12,6 +12,7 @@ COLUMNS = (
     ("params", "params", "{:,}"),
     ("test_accuracy", "test accuracy", "{:.2%}"),
     ("test_errors", "test errors", "{:,}"),
+    ("validation_accuracy", "validation accuracy", "{:.2%}"),
     ("train_examples_per_s", "train examples/s", "{:,.0f}"),
     ("wall_time_s", "wall time (s)", "{:.1f}"),
 )
@@ -24,10 +25,12 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    # A column no row has (validation accuracy without a validation split) is left out.
+    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
     body = [
-        "| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |"
+        "| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |"
         for row in rows
     ]
     return "\n".join([header, rule, *body])
