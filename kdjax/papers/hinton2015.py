@@ -42,9 +42,9 @@ from kdjax.config import check_config_fits_data, validate_config
 from kdjax.data import Dataset, DeviceSplit, Split, load_dataset
 from kdjax.data.datasets import validation_indices
 from kdjax.errors import ConfigError, WorkdirError
-from kdjax.io import write_json_atomic
+from kdjax.io import append_json_line, write_json_atomic
 from kdjax.models import build_model, count_params
-from kdjax.papers.report import write_report
+from kdjax.papers.report import git_commit, write_report
 from kdjax.pipeline import check_workdir, clear_run_files
 from kdjax.train.population import (
     fit_population,
@@ -107,11 +107,7 @@ class Reproduction:
     # --- training -------------------------------------------------------------------------
 
     def _log_epoch(self, name: str):
-        def log(epoch: int, record: dict[str, Any]) -> None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"stage": name, **record}) + "\n")
-
-        return log
+        return lambda epoch, record: append_json_line(self.metrics_path, {"stage": name, **record})
 
     def _model(self, role: str, **overrides: Any) -> nn.Module:
         model_config = dict(self.config[role]["model"]) | overrides
@@ -405,6 +401,7 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
     """Runs ``config.parts`` in ``workdir`` on a loaded, checked ``dataset``; writes
     ``results.json`` and ``results.md`` there and returns the results."""
     start = time.perf_counter()
+    commit = git_commit()  # at the start: the code that trains is the code the record names
     parts = _parts(config)
     job = Reproduction(config, dataset, workdir)
     teachers = job.teachers()
@@ -425,6 +422,7 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
         results["parts"][part] = part_fns[part]()
         results["part_wall_time_s"][part] = time.perf_counter() - part_start
     results["wall_time_s"] = time.perf_counter() - start
+    results["commit"] = commit
     write_report(results, config, workdir, dataset, PAPER)
     return results
 

@@ -133,7 +133,8 @@ def write_report(
     dataset: Dataset,
     paper: Mapping[str, Any],
 ) -> None:
-    """Completes ``results`` with what makes it reproducible and writes both files atomically."""
+    """Completes ``results`` (which names its ``commit``) with what makes it reproducible, and
+    writes both files atomically."""
     plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     results |= {
         "name": config.get("name", "reproduction"),
@@ -141,7 +142,6 @@ def write_report(
         "paper": dict(paper),
         "config": json.loads(json.dumps(plain)),
         "seeds": [int(s) for s in config["seeds"]],
-        "commit": git_commit(),
         "platform": f"{jax.default_backend()} ({jax.device_count()} device(s)), "
         f"jax {jax.__version__}",
         "dataset": {
