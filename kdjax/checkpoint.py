@@ -51,7 +51,8 @@ def read_metadata(directory: str) -> dict[str, Any]:
 
 def restore_variables(directory: str, abstract_variables: Any) -> dict[str, Any]:
     """Restores variables shaped like ``abstract_variables`` (from ``jax.eval_shape``)."""
-    path = os.path.join(directory, VARIABLES)
+    # orbax refuses relative paths, and a work directory given as runs/NAME is one.
+    path = os.path.abspath(os.path.join(directory, VARIABLES))
     try:
         restored = ocp.StandardCheckpointer().restore(path, abstract_variables)
     except Exception as err:  # orbax raises several types for missing/corrupt/mismatched data
