@@ -10,11 +10,16 @@ Wall time: about 75 minutes on a 2-core CPU (teachers ~30, sweep ~25).
 Expected:  teacher <= 80 test errors, scratch student 120-170, distilled student <= 90
            (paper: 67 / 146 / 74).
 
-Choices the paper leaves open, fixed here before any run and never tuned on the test set:
-SGD with Nesterov momentum 0.9 and a cosine schedule after a 1-epoch warm-up; teacher dropout
-0.5 (inputs 0.2), max-norm 3.5 on every unit's incoming weights, jitter of up to 2 pixels,
-60 epochs on all 60,000 training images; students 20 epochs, no regularisation, distilled with
+Choices the paper leaves open, never tuned on the test set: SGD with Nesterov momentum 0.9 and
+a cosine schedule after a 1-epoch warm-up; teacher dropout 0.3 on the hidden layers (none on
+the inputs), max-norm 3.5 on every unit's incoming weights, jitter of up to 2 pixels, 60 epochs
+on all 60,000 training images; students 20 epochs, no regularisation, distilled with
 alpha = 0.9 on teacher logits of the unjittered images.
+
+The teacher's dropout was chosen on validation (55,000 / 5,000 carve-out, 1 seed, 12 epochs):
+dropout 0.5 with input dropout 0.2 made 109 validation errors, dropout 0.3 without input
+dropout 65, the same at learning rate 0.5 538 (dropout 0.2, 1-pixel jitter, no max-norm: 60).
+At 60 epochs the first recipe gave teachers of 116, 116 and 107 test errors.
 """
 
 import ml_collections
@@ -36,7 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.dataset = dataset_config("mnist")
     sgd = dict(learning_rate=0.1, momentum=0.9, nesterov=True, warmup_steps=STEPS_PER_EPOCH)
     config.teacher = stage_config(
-        model=dict(name="mlp", hidden_sizes=(1200, 1200), dropout_rate=0.5, input_dropout_rate=0.2),
+        model=dict(name="mlp", hidden_sizes=(1200, 1200), dropout_rate=0.3, input_dropout_rate=0.0),
         epochs=60,
         batch_size=128,
         max_shift=2,  # jitter: each training image translated by up to 2 pixels
