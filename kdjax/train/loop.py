@@ -54,7 +54,7 @@ def fit(
     ``seed`` orders the batches; a list of seeds trains a population (``state`` and
     ``step_fn`` with a member axis), each member on its own seed's order.
     """
-    members = 1 if isinstance(seed, int) else len(seed)
+    members = 1 if isinstance(seed, int | np.integer) else len(seed)
     start = time.perf_counter()
     steady_start, steady_examples = None, 0
     history = []
