@@ -88,6 +88,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.teacher.epochs = config.student.epochs = 1
         config.teacher.batch_size = config.student.batch_size = 500
         config.teacher.optimizer.warmup_steps = config.student.optimizer.warmup_steps = 20
+        # One epoch of tiny nets is stable at 0.1 and learns more in it; the tests' thresholds
+        # (e.g. a student that never saw a 3 gets > 90 % of them wrong) are set for it.
+        config.student.optimizer.learning_rate = 0.1
         config.transfer.validation_examples = 1000
         config.transfer.shift_step = 0.5
         config.sweep.temperatures = (1.0, 20.0)
