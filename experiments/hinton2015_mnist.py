@@ -32,7 +32,7 @@ from scratch at 0.05 and 40 epochs: 89, 94, 90.
 
 import ml_collections
 
-from kdjax.config import dataset_config, stage_config
+from kdjax.config import dataset_config, stage_config, survival_fields
 
 STEPS_PER_EPOCH = 60_000 // 128
 
@@ -46,6 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Besides the work directory, results.json and .md are written here as <name>.json / .md.
     config.results_dir = "experiments/results"
     config.eval_batch_size = 1000
+    survival_fields(config)  # checkpointing (resume) and on_nonfinite
     config.dataset = dataset_config("mnist")
     sgd = dict(learning_rate=0.1, momentum=0.9, nesterov=True, warmup_steps=STEPS_PER_EPOCH)
     config.teacher = stage_config(

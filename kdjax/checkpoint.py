@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -23,8 +24,11 @@ METADATA = "model.json"
 def save_model(directory: str, variables: dict[str, Any], metadata: dict[str, Any]) -> None:
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, VARIABLES)
+    # Without model.json beside it, an existing variables/ is a save that was cut off.
+    shutil.rmtree(target, ignore_errors=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, VARIABLES), variables)
+    checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
     write_json_atomic(os.path.join(directory, METADATA), metadata)
 

@@ -6,7 +6,13 @@ Usage: kdjax [--config=PATH[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir=DIR
   kdjax --config=experiments/mnist_short.py --config.dataset.raw_dir=PATH/TO/mnist
   kdjax --config=experiments/mnist_short.py:smoke --config.student.temperature=8
 
-Exit codes: 0 done; 1 crash; 2 bad input (nothing was trained or written).
+A work directory holding an unfinished run of the same config is resumed where it stopped;
+--overwrite starts it again from scratch instead. SIGTERM or Ctrl-C saves a checkpoint at the
+next step and stops (a second one stops at once).
+
+Exit codes: 0 done; 1 crash; 2 bad input (nothing was trained or written); 3 interrupted by a
+signal (a checkpoint was saved: rerun the same command to resume); 4 stopped at a NaN/Inf loss
+or gradient (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -41,13 +47,16 @@ def _define_flags() -> None:
         "workdir", None, "Where the run writes checkpoints and results (default: runs/NAME-TIME)."
     )
     flags.DEFINE_bool(
-        "overwrite", False, "Replace an earlier run's checkpoints and results in --workdir."
+        "overwrite",
+        False,
+        "Replace what --workdir holds (a finished run, or an unfinished one that would "
+        "otherwise be resumed) and start from scratch.",
     )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     print(f"kdjax: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _plain_message(err: BaseException) -> str:
@@ -71,8 +80,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])} (see kdjax --help)")
-    from kdjax.errors import KdjaxError  # imports jax: after flag parsing keeps --help fast
+    # Imports jax: after flag parsing keeps --help fast.
+    from kdjax.errors import Interrupted, KdjaxError, NonFiniteError
     from kdjax.runners import get_runner
+    from kdjax.train.preemption import stop_on_signals
 
     # kdjax's own progress at INFO; other libraries (orbax, TFDS) from WARNING up, unless the
     # user sets --verbosity.
@@ -89,7 +100,12 @@ def _main(argv: list[str]) -> None:
     )
     logging.getLogger("kdjax").info("Work directory: %s", workdir)
     try:
-        results = get_runner(config)(config, workdir, overwrite=FLAGS.overwrite)
+        with stop_on_signals():
+            results = get_runner(config)(config, workdir, overwrite=FLAGS.overwrite)
+    except Interrupted as err:
+        _fail(str(err), code=3)
+    except NonFiniteError as err:
+        _fail(str(err), code=4)
     except KdjaxError as err:
         _fail(str(err))
     with open(os.path.join(workdir, "results.md")) as f:

@@ -8,6 +8,8 @@ A kdjax config is an ``ml_collections.ConfigDict``:
 - ``teacher``, ``student``: a :func:`stage_config` each; ``teacher.checkpoint`` reuses a trained
   teacher; ``student.temperature`` and ``student.alpha`` set the distillation loss.
 - ``eval_batch_size``: batch size for evaluation (any value gives exact counts).
+- ``checkpointing``: how often training checkpoints (for resume) are saved, and how many kept.
+- ``on_nonfinite``: ``stop`` or ``skip`` at a NaN/Inf loss or gradient.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from kdjax.data import DATASETS, Dataset
 from kdjax.errors import ConfigError
 from kdjax.models import build_model
+from kdjax.train.loop import ON_NONFINITE
 from kdjax.train.optim import OPTIMIZERS, SCHEDULES
 
 ROLES = ("teacher", "student")
@@ -74,6 +80,25 @@ def dataset_config(
             validation_examples=validation_examples,
         )
     )
+
+
+def checkpointing_config(every_steps: int = 0, max_to_keep: int = 2) -> ml_collections.ConfigDict:
+    """How training checkpoints (for resume) are kept; see kdjax.train.resume."""
+    return ml_collections.ConfigDict(
+        dict(
+            every_steps=every_steps,  # save every this many steps; 0: at the end of each epoch
+            max_to_keep=max_to_keep,  # saved steps kept per stage (the newest ones)
+        )
+    )
+
+
+def survival_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the fields that make a run survive: ``checkpointing`` and ``on_nonfinite``."""
+    config.checkpointing = checkpointing_config()
+    # stop: a NaN/Inf loss or gradient ends the run, naming the term (the last checkpoint is
+    # kept); skip: such steps are left out and counted.
+    config.on_nonfinite = "stop"
+    return config
 
 
 def _require(config: Mapping[str, Any], path: str) -> Any:
@@ -184,6 +209,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
             f"student.alpha={alpha} must be in [0, 1]: it is the weight of the teacher's soft "
             "targets (1 - alpha weighs the hard labels)."
         )
+    _check_survival_fields(config)
     checkpoint = config["teacher"].get("checkpoint", "")
     if checkpoint and not os.path.exists(checkpoint):
         raise ConfigError(
@@ -202,3 +228,43 @@ def check_config_fits_data(config: Mapping[str, Any], dataset: Dataset) -> None:
                 f"{role}.batch_size={batch_size} is larger than the {len(dataset.train)} training "
                 f"examples of {dataset.name!r}: lower it."
             )
+
+
+def _check_survival_fields(config: Mapping[str, Any]) -> None:
+    if "checkpointing" in config:
+        _non_negative_int(config, "checkpointing.every_steps")
+        _positive_int(config, "checkpointing.max_to_keep")
+    if "on_nonfinite" in config and config["on_nonfinite"] not in ON_NONFINITE:
+        raise ConfigError(
+            f"on_nonfinite={config['on_nonfinite']!r} must be one of {', '.join(ON_NONFINITE)} "
+            "(stop: end the run at the first NaN/Inf loss or gradient; skip: leave such steps "
+            "out and count them)."
+        )
+
+
+def check_models_fit_data(models: Mapping[str, nn.Module], dataset: Dataset) -> None:
+    """Traces each model on the dataset's image shape (shapes only, no arithmetic), so that a
+    model that cannot take these images, or shrinks them to nothing, fails here, naming its
+    field, before any work."""
+    example = jax.ShapeDtypeStruct((1, *dataset.image_shape), jnp.float32)
+    for field, model in models.items():
+
+        def forward(x, model=model):
+            variables = model.init(jax.random.key(0), x, train=False)
+            return model.apply(variables, x, train=False)
+
+        try:
+            _, features = jax.eval_shape(forward, example)
+        except Exception as err:  # flax and XLA raise many types for a shape that does not fit
+            message = " ".join(str(err).split())[:300]
+            raise ConfigError(
+                f"{field} cannot take {dataset.name!r} images of shape {dataset.image_shape}: "
+                f"{message}. Choose a model (or model fields) for images of this size."
+            ) from err
+        for name, feature in features.items():
+            if 0 in feature.shape:
+                raise ConfigError(
+                    f"{field}: on {dataset.name!r} images of shape {dataset.image_shape} its "
+                    f"feature {name!r} has shape {tuple(feature.shape)}, with nothing left to "
+                    "learn from: use fewer pooling stages (or larger images)."
+                )

@@ -15,3 +15,15 @@ class DataError(KdjaxError, ValueError):
 
 class WorkdirError(KdjaxError):
     """The work directory holds an earlier run that would be overwritten."""
+
+
+class CheckpointError(KdjaxError):
+    """A checkpoint on disk is corrupted or does not fit the run; the message names it."""
+
+
+class Interrupted(KdjaxError):
+    """A signal stopped the run at a step boundary, after a checkpoint; rerun to resume."""
+
+
+class NonFiniteError(KdjaxError):
+    """A loss term or the gradient went NaN or infinite; the message names the term and step."""

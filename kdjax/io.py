@@ -30,3 +30,14 @@ def write_json_atomic(path: str, data: Any) -> None:
 def append_json_line(path: str, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, default=str) + "\n")
+
+
+def replace_stage_lines(path: str, stage: str, records: list[dict[str, Any]]) -> None:
+    """Rewrites a metrics file so that ``stage``'s lines are exactly ``records`` (a resumed
+    stage's finished epochs; the lines a killed run wrote after its checkpoint go away)."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("stage") != stage]
+    added = [json.dumps({"stage": stage, **r}, default=str) + "\n" for r in records]
+    write_text_atomic(path, "".join(kept + added))

@@ -4,7 +4,8 @@ Work directory layout::
 
     config.json            the resolved config
     metrics.jsonl          one record of mean training metrics per stage and epoch
-    checkpoints/<stage>/   orbax checkpoint of each trained model (see kdjax.checkpoint)
+    checkpoints/<stage>/   orbax checkpoint of each trained model (see kdjax.checkpoint); while
+                           the stage trains, progress/ holds its resumable checkpoints
     results.json           every number of the run
     results.md             the results table
 """
@@ -16,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,10 +26,16 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import checkpoint
-from kdjax.config import check_config_fits_data, validate_config
+from kdjax import workdir as workdirs
+from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
 from kdjax.data import Dataset, DeviceSplit, load_dataset
-from kdjax.errors import ConfigError, WorkdirError
-from kdjax.io import append_json_line, write_json_atomic, write_text_atomic
+from kdjax.errors import ConfigError
+from kdjax.io import (
+    append_json_line,
+    replace_stage_lines,
+    write_json_atomic,
+    write_text_atomic,
+)
 from kdjax.models import build_model, count_params, init_variables
 from kdjax.results import results_markdown
 from kdjax.train import (
@@ -41,11 +47,9 @@ from kdjax.train import (
     make_optimizer,
     train_step,
 )
+from kdjax.train.resume import TrainCheckpoints
 
 logger = logging.getLogger(__name__)
-
-# Everything a run writes into its work directory; only these are replaced by --overwrite.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "results.json", "results.md")
 
 
 @dataclasses.dataclass
@@ -66,41 +70,6 @@ def _describe(model_config: Mapping[str, Any]) -> str:
     return f"{model_config['name']}({fields})"
 
 
-def check_workdir(workdir: str, *, overwrite: bool, teacher_checkpoint: str) -> None:
-    """Refuses to replace an earlier run unless asked, and never a teacher we are about to reuse."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"--workdir {workdir} is a file, not a folder: choose another path.")
-    ancestor = os.path.abspath(workdir)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise WorkdirError(
-            f"--workdir {workdir}: {ancestor} is not a writable folder: choose another path."
-        )
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(workdir, f))]
-    if existing and not overwrite:
-        raise WorkdirError(
-            f"{workdir} already holds a kdjax run ({', '.join(existing)}). Choose another "
-            "--workdir, or pass --overwrite to replace that run."
-        )
-    if existing and teacher_checkpoint:
-        inside = os.path.commonpath([os.path.abspath(teacher_checkpoint), os.path.abspath(workdir)])
-        if inside == os.path.abspath(workdir):
-            raise WorkdirError(
-                f"teacher.checkpoint={teacher_checkpoint!r} lies in {workdir}, which --overwrite "
-                "would delete: reuse it from another --workdir."
-            )
-
-
-def clear_run_files(workdir: str) -> None:
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
 def _load_teacher(config: Mapping[str, Any], dataset: Dataset) -> tuple[nn.Module, str]:
     """Checks that ``teacher.checkpoint`` matches ``teacher.model`` and the data; no restore yet."""
     directory = checkpoint.find_model_checkpoint(config["teacher"]["checkpoint"], "teacher")
@@ -111,6 +80,12 @@ def _load_teacher(config: Mapping[str, Any], dataset: Dataset) -> tuple[nn.Modul
             f"teacher.checkpoint {directory} holds {_describe(saved.get('model', {'name': '?'}))}"
             f", but teacher.model is {_describe(wanted)}: set teacher.model to the saved "
             "architecture, or fit a new teacher (empty teacher.checkpoint)."
+        )
+    saved_shape = saved.get("image_shape")
+    if saved_shape is not None and tuple(saved_shape) != dataset.image_shape:
+        raise ConfigError(
+            f"teacher.checkpoint {directory} takes images of shape {tuple(saved_shape)}, but "
+            f"{dataset.name!r} has {dataset.image_shape}: reuse a teacher of the same dataset."
         )
     if saved.get("dataset") != dataset.name or saved.get("num_classes") != dataset.num_classes:
         raise ConfigError(
@@ -141,9 +116,16 @@ class _Run:
     def train_model(
         self, role: str, stage: str, model: nn.Module, key: jax.Array, step_fn: Any
     ) -> StageOutcome:
-        """Initialises ``model`` from ``key``; trains it with ``step_fn`` per ``config[role]``."""
-        stage_config = self.config[role]
+        """Initialises ``model`` from ``key``; trains it with ``step_fn`` per ``config[role]``.
+
+        A stage that a resumed run had finished is restored, not retrained; one it had begun
+        continues from its last checkpoint (``checkpoints/<stage>/progress``).
+        """
+        directory = os.path.join(self.workdir, "checkpoints", stage)
         init_key, dropout_key = jax.random.split(key)
+        if os.path.isfile(os.path.join(directory, checkpoint.METADATA)):
+            return self._restore_stage(model, directory, init_key)
+        stage_config = self.config[role]
         variables = init_variables(model, init_key, self.example_images)
         total_steps = (
             self.train.steps_per_epoch(stage_config["batch_size"]) * stage_config["epochs"]
@@ -151,6 +133,7 @@ class _Run:
         tx = make_optimizer(
             stage_config["optimizer"], total_steps=total_steps, field=f"{role}.optimizer"
         )
+        progress = training_checkpoints(self.config, os.path.join(directory, "progress"))
         result = fit(
             create_train_state(model, variables, tx, dropout_key),
             self.train,
@@ -162,13 +145,16 @@ class _Run:
             on_epoch_end=lambda epoch, record: append_json_line(
                 self.metrics_path, {"stage": stage, **record}
             ),
+            checkpoints=progress,
+            on_resume=lambda history: replace_stage_lines(self.metrics_path, stage, history),
+            on_nonfinite=self.config.get("on_nonfinite", "stop"),
         )
         outcome = StageOutcome(
             result.state.frozen(), result.wall_time_s, result.examples_per_s, stage_config["epochs"]
         )
         # Saved as soon as it is trained, so a later stage's failure cannot lose it.
         checkpoint.save_model(
-            os.path.join(self.workdir, "checkpoints", stage),
+            directory,
             outcome.model.variables,
             {
                 "model": _as_json(self.config[role]["model"]),
@@ -176,15 +162,31 @@ class _Run:
                 "image_shape": list(self.dataset.image_shape),
                 "dataset": self.dataset.name,
                 "stage": stage,
+                "epochs": outcome.epochs,
+                "wall_time_s": outcome.wall_time_s,
+                "examples_per_s": outcome.examples_per_s,
             },
         )
+        progress.delete_all()  # the model is saved; its optimizer state is no longer needed
         return outcome
 
-    def restore_teacher(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
+    def _restore_stage(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
+        """A model checkpoint as a stage outcome (its training figures from model.json)."""
         abstract = jax.eval_shape(lambda: init_variables(model, key, self.example_images))
         variables = checkpoint.restore_variables(directory, abstract)
-        logger.info("Reusing the teacher in %s.", directory)
-        return StageOutcome(FrozenModel(model.apply, variables), 0.0, None, 0)
+        saved = checkpoint.read_metadata(directory)
+        logger.info("Reusing the finished %s in %s.", saved.get("stage", "model"), directory)
+        return StageOutcome(
+            FrozenModel(model.apply, variables),
+            saved.get("wall_time_s", 0.0),
+            saved.get("examples_per_s"),
+            saved.get("epochs", 0),
+        )
+
+    def restore_teacher(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
+        """A teacher from another run: used as it is, its training not counted in this one."""
+        outcome = self._restore_stage(model, directory, jax.random.split(key)[0])
+        return dataclasses.replace(outcome, wall_time_s=0.0, examples_per_s=None, epochs=0)
 
     def result_row(self, stage: str, role: str, outcome: StageOutcome) -> dict[str, Any]:
         scores = evaluate(outcome.model, self.test, self.config["eval_batch_size"])
@@ -216,11 +218,22 @@ class _Run:
         return {"validation_accuracy": scores["accuracy"], "validation_errors": scores["errors"]}
 
 
+def training_checkpoints(config: Mapping[str, Any], directory: str) -> TrainCheckpoints:
+    """The resumable checkpoints of one stage, as ``config.checkpointing`` asks."""
+    section = config.get("checkpointing", {})
+    return TrainCheckpoints(
+        directory,
+        every_steps=int(section.get("every_steps", 0)),
+        max_to_keep=int(section.get("max_to_keep", 2)),
+    )
+
+
 def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Runs the three stages and writes the work directory; returns the results dict.
 
     Every check (config, work directory, data, teacher checkpoint) happens before anything is
-    trained or written.
+    trained or written. A work directory holding an unfinished run of the same config is
+    resumed: finished stages are restored, the unfinished one continues from its checkpoint.
     """
     start = time.perf_counter()
     if "seeds" in config:
@@ -230,7 +243,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         )
     validate_config(config)
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
-    check_workdir(workdir, overwrite=overwrite, teacher_checkpoint=teacher_checkpoint)
+    resuming = workdirs.prepare(workdir, config, overwrite=overwrite, keep=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)
     if teacher_checkpoint:
@@ -242,13 +255,9 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     student_model = build_model(
         config["student"]["model"], num_classes=dataset.num_classes, field="student.model"
     )
+    check_models_fit_data({"teacher.model": teacher_model, "student.model": student_model}, dataset)
 
-    os.makedirs(workdir, exist_ok=True)
-    clear_run_files(workdir)
-    write_json_atomic(
-        os.path.join(workdir, "config.json"),
-        config.to_dict() if hasattr(config, "to_dict") else dict(config),
-    )
+    workdirs.start(workdir, config, resuming=resuming)
     job = _Run(config, dataset, workdir)
     # Both students start from the same initialisation and see the same batches, so the only
     # difference between them is the teacher.
@@ -282,12 +291,14 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         "temperature": float(config["student"]["temperature"]),
         "alpha": float(config["student"]["alpha"]),
         "teacher_checkpoint": teacher_checkpoint or None,
+        "resumed": resuming,
         "rows": rows,
         "wall_time_s": time.perf_counter() - start,
         "platform": (
             f"{jax.default_backend()} ({jax.device_count()} device(s)), jax {jax.__version__}"
         ),
     }
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    # results.json last: its presence is what marks the run finished.
     write_text_atomic(os.path.join(workdir, "results.md"), results_markdown(results))
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results

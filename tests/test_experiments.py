@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO, raw_dir
 
-from kdjax.errors import ConfigError, WorkdirError
+from kdjax.errors import WorkdirError
 from kdjax.runners import get_runner
 
 EXPERIMENTS = sorted(p.name for p in (REPO / "experiments").glob("*.py"))
@@ -111,7 +111,7 @@ def test_hinton2015_never_replaces_a_finished_run_and_continues_an_unfinished_on
     hinton_smoke, caplog
 ):
     config, workdir, results = hinton_smoke
-    with pytest.raises(WorkdirError, match="already holds a finished reproduction"):
+    with pytest.raises(WorkdirError, match="already holds a finished kdjax run"):
         get_runner(config)(config, workdir)
     # An unfinished run (teachers saved, no results yet) continues and reuses its teachers.
     os.remove(os.path.join(workdir, "results.json"))
@@ -121,10 +121,10 @@ def test_hinton2015_never_replaces_a_finished_run_and_continues_an_unfinished_on
         again = get_runner(config)(config, workdir)
     assert any("Reusing the teachers" in m for m in caplog.messages)
     assert again["parts"]["table"][0]["per_seed"] == results["parts"]["table"][0]["per_seed"]
-    # Teachers saved for other seeds are not silently reused.
+    # Another config (other seeds) does not resume this run, nor reuse its teachers.
     os.remove(os.path.join(workdir, "results.json"))
     config.seeds = (5, 6)
-    with pytest.raises(ConfigError, match="teachers of another config or other seeds"):
+    with pytest.raises(WorkdirError, match=r"unfinished run of another config \(seeds"):
         get_runner(config)(config, workdir)
 
 

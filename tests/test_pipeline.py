@@ -58,7 +58,7 @@ def test_a_second_run_never_overwrites_the_first(digits_run):
         name: os.path.getmtime(os.path.join(workdir, name))
         for name in ("results.json", "results.md", "config.json")
     }
-    with pytest.raises(WorkdirError, match="already holds a kdjax run.*--overwrite"):
+    with pytest.raises(WorkdirError, match="already holds a finished kdjax run.*--overwrite"):
         run(_digits_config(), workdir)
     after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
     assert before == after
@@ -120,6 +120,9 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(digits_run, tmp_p
         ("student.optimizer.max_norm", -1.0, ConfigError, r"max_norm=-1.0 must be >= 0"),
         ("dataset.validation_examples", -3, ConfigError, r"validation_examples=-3 must be"),
         ("seeds", (0, 1), ConfigError, r"the pipeline runner trains one seed"),
+        ("on_nonfinite", "ignore", ConfigError, r"on_nonfinite='ignore' must be one of stop"),
+        ("checkpointing.every_steps", -1, ConfigError, r"every_steps=-1 must be a whole number"),
+        ("checkpointing.max_to_keep", 0, ConfigError, r"max_to_keep=0 must be a whole number"),
         ("runner", "hinton2016", ConfigError, r"runner: unknown runner.*Did you mean 'hinton2015'"),
         (
             "dataset.raw_dir",
@@ -154,6 +157,19 @@ def test_teacher_and_student_with_different_classes_are_refused(tmp_path):
     config.teacher.model.num_classes = 100
     with pytest.raises(
         ConfigError, match=r"student.model.num_classes=100|teacher.model.num_classes=100"
+    ):
+        run(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_model_that_pools_the_images_away_is_refused(tmp_path):
+    config = _digits_config(epochs=1)
+    # 8x8 digits: 4 -> 2 -> 1 -> nothing after the fourth 2x2 pooling.
+    config.teacher.model = {"name": "cnn", "channels": (8, 8, 8, 8), "batch_norm": False}
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.model cannot take 'digits' images of shape \(8, 8, 1\): its 4 stages .* "
+        r"after stage 4: use at most 3 channels entries",
     ):
         run(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")

@@ -10,7 +10,7 @@ scikit-learn's 1,797 real 8x8 digits need neither network nor files, so this run
 
 import ml_collections
 
-from kdjax.config import dataset_config, stage_config
+from kdjax.config import dataset_config, stage_config, survival_fields
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -18,6 +18,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.name = "digits"
     config.seed = 0  # seeds initialisation, dropout and the order of batches
     config.eval_batch_size = 512
+    survival_fields(config)  # checkpointing (resume) and on_nonfinite
     config.dataset = dataset_config("digits")
     config.teacher = stage_config(
         model=dict(name="mlp", hidden_sizes=(512, 512), dropout_rate=0.3, input_dropout_rate=0.1),

@@ -5,7 +5,7 @@ Experiments in ``experiments/`` start from :func:`get_config` and override what 
 
 import ml_collections
 
-from kdjax.config import dataset_config, stage_config
+from kdjax.config import dataset_config, stage_config, survival_fields
 
 
 def get_config(variant: str = "", dataset: str = "mnist") -> ml_collections.ConfigDict:
@@ -13,6 +13,7 @@ def get_config(variant: str = "", dataset: str = "mnist") -> ml_collections.Conf
     config.name = f"{dataset}_short"
     config.seed = 0
     config.eval_batch_size = 1000
+    survival_fields(config)  # checkpointing (resume) and on_nonfinite
     config.dataset = dataset_config(dataset)
     config.teacher = stage_config(
         model=dict(name="mlp", hidden_sizes=(1200, 1200), dropout_rate=0.5, input_dropout_rate=0.2),

@@ -71,19 +71,20 @@ class DeviceSplit:
         return self.num_examples // batch_size
 
     def train_batches(
-        self, batch_size: int, *, seed: int | Sequence[int], epoch: int
+        self, batch_size: int, *, seed: int | Sequence[int], epoch: int, start: int = 0
     ) -> Iterator[Batch]:
         """Shuffled full batches; the last ``num_examples % batch_size`` examples of each
         epoch's order are left out (a different few each epoch).
 
-        ``seed`` a list: one order per seed, batches ``[members, batch, ...]``.
+        ``seed`` a list: one order per seed, batches ``[members, batch, ...]``. ``start``
+        skips the epoch's first batches (a resumed run's position).
         """
         seeds = [seed] if isinstance(seed, int | np.integer) else list(seed)
         order = np.stack([epoch_order(self.num_examples, seed=s, epoch=epoch) for s in seeds])
         if isinstance(seed, int | np.integer):
             order = order[0]
         mask = jnp.ones((batch_size,), dtype=bool)
-        for step in range(self.steps_per_epoch(batch_size)):
+        for step in range(start, self.steps_per_epoch(batch_size)):
             index = order[..., step * batch_size : (step + 1) * batch_size].astype(np.int32)
             yield _gather(self.images, self.labels, self.teacher_logits, index, mask)
 

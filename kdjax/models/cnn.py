@@ -43,6 +43,11 @@ class SmallCNN(nn.Module):
             x = nn.relu(x)
             features[f"stage{i}"] = x
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            if 0 in x.shape[1:3]:
+                raise ValueError(
+                    f"its {len(self.channels)} stages of 2x2 pooling leave nothing of these "
+                    f"images after stage {i}: use at most {i - 1} channels entries"
+                )
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense_size, name="dense")(x))
         features["pre_logits"] = x

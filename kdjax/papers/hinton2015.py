@@ -25,9 +25,9 @@ not jittered); the teachers are checkpointed in the work directory and reused by
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,20 +38,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import checkpoint, scores
-from kdjax.config import check_config_fits_data, validate_config
+from kdjax import workdir as workdirs
+from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
 from kdjax.data import Dataset, DeviceSplit, Split, load_dataset
 from kdjax.data.datasets import validation_indices
-from kdjax.errors import ConfigError, WorkdirError
-from kdjax.io import append_json_line, write_json_atomic
+from kdjax.errors import ConfigError
+from kdjax.io import append_json_line, replace_stage_lines
 from kdjax.models import build_model, count_params
 from kdjax.papers.report import git_commit, write_report
-from kdjax.pipeline import check_workdir, clear_run_files
+from kdjax.pipeline import training_checkpoints
 from kdjax.train.population import (
     fit_population,
     population_distill_from_logits_step,
     population_train_step,
     predict_logits,
 )
+from kdjax.train.resume import TrainCheckpoints
 from kdjax.train.state import FrozenModel
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,12 @@ class Reproduction:
     def _log_epoch(self, name: str):
         return lambda epoch, record: append_json_line(self.metrics_path, {"stage": name, **record})
 
+    def progress(self, name: str) -> TrainCheckpoints:
+        """The resumable checkpoints of population ``name`` (kept until the run finishes)."""
+        return training_checkpoints(
+            self.config, os.path.join(self.workdir, "checkpoints", "progress", name)
+        )
+
     def _model(self, role: str, **overrides: Any) -> nn.Module:
         model_config = dict(self.config[role]["model"]) | overrides
         return build_model(model_config, num_classes=self.num_classes, field=f"{role}.model")
@@ -124,6 +132,9 @@ class Reproduction:
             name=name,
             field=role,
             on_epoch_end=self._log_epoch(name),
+            checkpoints=self.progress(name),
+            on_resume=lambda history: replace_stage_lines(self.metrics_path, name, history),
+            on_nonfinite=self.config.get("on_nonfinite", "stop"),
         )
         frozen = result.state.frozen()
         params = count_params(jax.tree_util.tree_map(lambda x: x[0], frozen.variables["params"]))
@@ -135,7 +146,7 @@ class Reproduction:
         directory = os.path.join(self.workdir, "checkpoints", "teachers")
         model = self._model("teacher")
         metadata = {
-            "teacher": _plain(self.config["teacher"]),
+            "teacher": workdirs.plain_config(self.config["teacher"]),
             "seeds": self.seeds,
             "dataset": self.dataset.name,
             "num_classes": self.num_classes,
@@ -170,6 +181,7 @@ class Reproduction:
             "examples_per_s": teachers.examples_per_s,
         }
         checkpoint.save_model(directory, teachers.frozen.variables, metadata)
+        self.progress("teacher").delete_all()  # saved as a model: no optimizer state needed
         return teachers
 
     def scratch_students(self) -> Population:
@@ -214,12 +226,6 @@ class Reproduction:
         test_logits = self.logits(population, self.test)
         errors = scores.errors(test_logits, self.dataset.test.labels)
         return _row(name, errors, population, paper=PAPER.get(name))
-
-
-def _plain(section: Any) -> Any:
-    """A config section as plain JSON data (tuples become lists), as it reads back from disk."""
-    data = section.to_dict() if hasattr(section, "to_dict") else section
-    return json.loads(json.dumps(data))
 
 
 def _saved_metadata(directory: str) -> dict[str, Any] | None:
@@ -424,6 +430,8 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
     results["wall_time_s"] = time.perf_counter() - start
     results["commit"] = commit
     write_report(results, config, workdir, dataset, PAPER)
+    # Finished: the students' resumable checkpoints (optimizer state included) are not needed.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "progress"), ignore_errors=True)
     return results
 
 
@@ -479,19 +487,23 @@ def _check_classes(config: Mapping[str, Any], dataset: Dataset) -> None:
 def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict:
     """The ``hinton2015`` runner: checks everything, then :func:`run`."""
     validate(config)
-    # A finished reproduction is never replaced unless asked; an unfinished one (teachers
-    # saved, no results yet) is continued in place, reusing its teachers.
-    check_workdir(workdir, overwrite=True, teacher_checkpoint="")  # a writable folder
-    if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:
-        raise WorkdirError(
-            f"{workdir} already holds a finished reproduction (results.json). Choose another "
-            "--workdir, or pass --overwrite to replace it."
-        )
+    # A finished reproduction is never replaced unless asked; an unfinished one of the same
+    # config (its parts may differ) is continued in place: its teachers are reused and every
+    # population resumes from its last checkpoint.
+    resuming = workdirs.prepare(
+        workdir, config, overwrite=overwrite, may_differ=("parts", "results_dir")
+    )
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)
     _check_classes(config, dataset)
-    if overwrite:
-        clear_run_files(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), _plain(config))
+    check_models_fit_data(
+        {
+            f"{role}.model": build_model(
+                config[role]["model"], num_classes=dataset.num_classes, field=f"{role}.model"
+            )
+            for role in ("teacher", "student")
+        },
+        dataset,
+    )
+    workdirs.start(workdir, config, resuming=resuming)
     return run(config, workdir, dataset)

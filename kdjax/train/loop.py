@@ -1,8 +1,16 @@
-"""The epoch loop shared by every stage: it feeds batches to a jitted step and times it.
+"""The epoch loop shared by every stage: it feeds batches to a jitted step, times it, and makes
+the run survive (checkpoints, resume, signals, non-finite losses).
 
 The same loop trains one model (``seed`` an int) or a population (``seed`` a list, one per
 member; :mod:`kdjax.train.population`): then batches, metrics and the history carry a member
 axis.
+
+With ``checkpoints`` (:class:`~kdjax.train.resume.TrainCheckpoints`) a fit starts from the
+newest checkpoint it finds there and ends bit-identical to a fit that was never interrupted:
+the state, the batch order (a function of seed and epoch) and the step keys (a function of the
+step) are all restored or derived. A SIGTERM/SIGINT under
+:func:`kdjax.train.preemption.stop_on_signals` saves at the next step boundary and raises
+:class:`~kdjax.errors.Interrupted`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data.batching import Batch, DeviceSplit
+from kdjax.errors import ConfigError, Interrupted, NonFiniteError
+from kdjax.train import preemption
+from kdjax.train.resume import Progress, TrainCheckpoints
 from kdjax.train.state import TrainState
 from kdjax.train.steps import Metrics
 
@@ -25,17 +36,34 @@ logger = logging.getLogger(__name__)
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 # Called with (epoch, mean metrics of that epoch) after each epoch.
-EpochCallback = Callable[[int, dict[str, float | list[float]]], None]
+EpochCallback = Callable[[int, dict[str, Any]], None]
+# Called once when a fit resumes, with the records of the epochs it had finished.
+ResumeCallback = Callable[[list[dict[str, Any]]], None]
+
+ON_NONFINITE = ("stop", "skip")
+# Metrics that are not loss terms: never named as the term that went non-finite.
+_NOT_TERMS = ("accuracy", "teacher_agreement", "nonfinite")
 
 
 @dataclasses.dataclass
 class FitResult:
     state: TrainState
     # One record of mean training metrics per epoch (a list per metric for a population).
-    history: list[dict[str, float | list[float]]]
-    wall_time_s: float  # everything, compilation included
-    # Steady state, summed over members: the first (compiling) step is left out.
+    history: list[dict[str, Any]]
+    wall_time_s: float  # everything, compilation included, summed over resumed processes
+    # Steady state, summed over members: each process's first (compiling) step is left out.
     examples_per_s: float
+
+
+@jax.jit
+def _accumulate(sums: Metrics, metrics: Metrics) -> Metrics:
+    """Adds a step's metrics to the epoch's sums; a skipped (non-finite) step adds only its
+    ``nonfinite`` count, so the epoch means are over the steps that were applied."""
+    applied = metrics["nonfinite"] == 0
+    return {
+        k: sums[k] + (v if k == "nonfinite" else jnp.where(applied, v, 0.0))
+        for k, v in metrics.items()
+    }
 
 
 def fit(
@@ -48,58 +76,188 @@ def fit(
     seed: int | Sequence[int],
     name: str = "train",
     on_epoch_end: EpochCallback | None = None,
+    checkpoints: TrainCheckpoints | None = None,
+    on_resume: ResumeCallback | None = None,
+    on_nonfinite: str = "stop",
 ) -> FitResult:
     """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``.
 
-    ``seed`` orders the batches; a list of seeds trains a population (``state`` and
-    ``step_fn`` with a member axis), each member on its own seed's order.
+    Args:
+      seed: orders the batches; a list of seeds trains a population (``state`` and
+        ``step_fn`` with a member axis), each member on its own seed's order.
+      checkpoints: where to save and resume from (None: neither).
+      on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` at the first step whose loss or
+        gradient is not finite (naming the term; the last checkpoint is kept); ``"skip"``
+        leaves such steps out and counts them (``nonfinite_steps`` in the history).
     """
+    if on_nonfinite not in ON_NONFINITE:
+        raise ConfigError(
+            f"on_nonfinite={on_nonfinite!r} must be one of {', '.join(ON_NONFINITE)}."
+        )
+    steps_per_epoch = train_split.steps_per_epoch(batch_size)
+    total_steps = epochs * steps_per_epoch
     members = 1 if isinstance(seed, int | np.integer) else len(seed)
+    first_batch = next(train_split.train_batches(batch_size, seed=seed, epoch=0))
+    metric_shapes = jax.eval_shape(step_fn, state, first_batch)[1]
+
+    def zero_sums() -> Metrics:
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+
+    sums, progress = zero_sums(), Progress()
+    if checkpoints is not None:
+        restored = checkpoints.restore_latest(state, sums)
+        if restored is not None:
+            state, sums, progress = restored
+            if on_resume is not None:
+                on_resume(progress.history)
+
+    def save() -> None:
+        if checkpoints is not None:
+            progress.wall_time_s = wall_before + time.perf_counter() - start
+            progress.steady_time_s = steady_before + (
+                time.perf_counter() - steady_start if steady_start is not None else 0.0
+            )
+            checkpoints.save(state, sums, progress)
+
     start = time.perf_counter()
-    steady_start, steady_examples = None, 0
-    history = []
-    for epoch in range(epochs):
-        sums, steps = None, 0
-        for batch in train_split.train_batches(batch_size, seed=seed, epoch=epoch):
+    wall_before, steady_before = progress.wall_time_s, progress.steady_time_s
+    steady_start = None
+    pending: tuple[int, Metrics] | None = None  # the last step, until its finiteness is known
+    while progress.step < total_steps:
+        epoch, offset = divmod(progress.step, steps_per_epoch)
+        if offset == 0:
+            sums = zero_sums()
+        batches = train_split.train_batches(batch_size, seed=seed, epoch=epoch, start=offset)
+        for batch in batches:
             state, metrics = step_fn(state, batch)
-            sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-            steps += 1
+            sums = _accumulate(sums, metrics)
+            if on_nonfinite == "stop":
+                # Checking the step before this one lets the device run ahead by one step.
+                _check_finite(pending, name, members, checkpoints)
+                pending = (progress.step + 1, metrics)
+            progress.step += 1
             if steady_start is None:
                 jax.block_until_ready(state)
                 steady_start = time.perf_counter()
             else:
-                steady_examples += batch_size * members
-        record: dict[str, Any] = {
-            k: _mean_over_steps(v, steps) for k, v in jax.device_get(sums).items()
-        }
+                progress.steady_examples += batch_size * members
+            if progress.step % steps_per_epoch == 0:
+                break  # the epoch's last step: saved below, with the epoch's record
+            interrupted = preemption.requested() is not None
+            if interrupted or (
+                checkpoints is not None
+                and checkpoints.due(progress.step, epoch_end=False, last=False)
+            ):
+                _check_finite(pending, name, members, checkpoints)
+                save()
+            if interrupted:
+                raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
+        _check_finite(pending, name, members, checkpoints)
+        record = _epoch_record(jax.device_get(sums), steps_per_epoch, on_nonfinite)
         record["epoch"] = epoch + 1
-        history.append(record)
-        logger.info(
-            "%s epoch %d/%d: %s",
-            name,
-            epoch + 1,
-            epochs,
-            ", ".join(_format(k, v) for k, v in record.items() if k != "epoch"),
-        )
+        progress.history.append(record)
+        interrupted = preemption.requested() is not None
+        if checkpoints is not None and (
+            interrupted
+            or checkpoints.due(progress.step, epoch_end=True, last=progress.step == total_steps)
+        ):
+            save()
+        _log_epoch(name, epoch + 1, epochs, record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
+        if interrupted:
+            raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
     jax.block_until_ready(state)
     end = time.perf_counter()
-    steady = end - steady_start if steady_start is not None else 0.0
+    steady = steady_before + (end - steady_start if steady_start is not None else 0.0)
     return FitResult(
         state=state,
-        history=history,
-        wall_time_s=end - start,
-        examples_per_s=steady_examples / steady if steady > 0 else float("nan"),
+        history=progress.history,
+        wall_time_s=wall_before + end - start,
+        examples_per_s=progress.steady_examples / steady if steady > 0 else float("nan"),
     )
 
 
-def _mean_over_steps(total: Any, steps: int) -> float | list[float]:
-    mean = np.asarray(total, dtype=np.float64) / steps
-    return float(mean) if mean.ndim == 0 else [float(x) for x in mean]
+def _epoch_record(sums: dict[str, Any], steps: int, on_nonfinite: str) -> dict[str, Any]:
+    """Mean metrics of an epoch over its applied steps; with ``skip``, their count too."""
+    skipped = np.asarray(sums["nonfinite"], dtype=np.float64)
+    applied = np.maximum(steps - skipped, 1.0)
+    record = {
+        k: _as_python(np.asarray(v, dtype=np.float64) / applied)
+        for k, v in sums.items()
+        if k != "nonfinite"
+    }
+    if on_nonfinite == "skip":
+        record["nonfinite_steps"] = _as_python(skipped.astype(np.int64))
+    return record
+
+
+def _as_python(value: np.ndarray) -> Any:
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+def _check_finite(
+    pending: tuple[int, Metrics] | None,
+    name: str,
+    members: int,
+    checkpoints: TrainCheckpoints | None,
+) -> None:
+    """Raises :class:`NonFiniteError` if the step in ``pending`` went non-finite."""
+    if pending is None:
+        return
+    step, metrics = pending
+    flags = np.atleast_1d(np.asarray(metrics["nonfinite"]))
+    if not flags.any():
+        return
+    values = {k: np.atleast_1d(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    member = int(np.flatnonzero(flags)[0])
+    bad = [
+        k
+        for k, v in values.items()
+        if k not in _NOT_TERMS and k != "grad_norm" and not np.isfinite(v[member])
+    ]
+    bad.sort(key=lambda k: k == "loss")  # the terms that broke first, then their total
+    what = ", ".join(bad) if bad else "the gradient (every loss term was finite)"
+    shown = ", ".join(
+        f"{k}={values[k][member]:.4g}" for k in values if k not in ("nonfinite", "accuracy")
+    )
+    who = f" (population member {member} of {members})" if members > 1 else ""
+    raise NonFiniteError(
+        f"{name}: non-finite {what} at step {step}{who}: {shown}. The step was not applied. "
+        f"{_last_checkpoint(checkpoints)} Lower the learning rate (or add warm-up), or set "
+        "on_nonfinite=skip to leave such steps out and count them."
+    )
+
+
+def _last_checkpoint(checkpoints: TrainCheckpoints | None) -> str:
+    if checkpoints is None:
+        return "No checkpoints were being written."
+    steps = checkpoints.verified_steps()
+    if not steps:
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint, step {steps[-1]}, is kept in {checkpoints.directory}."
+
+
+def _interrupted_message(name: str, step: int, checkpoints: TrainCheckpoints | None) -> str:
+    where = (
+        f"checkpoint saved at step {step} in {checkpoints.directory}"
+        if checkpoints is not None
+        else "no checkpoints were being written, so nothing was saved"
+    )
+    return f"{name}: interrupted by a signal; {where}. Run the same command again to resume."
+
+
+def _log_epoch(name: str, epoch: int, epochs: int, record: dict[str, Any]) -> None:
+    logger.info(
+        "%s epoch %d/%d: %s",
+        name,
+        epoch,
+        epochs,
+        ", ".join(_format(k, v) for k, v in record.items() if k != "epoch"),
+    )
 
 
 def _format(name: str, value: float | list[float]) -> str:
     if isinstance(value, list):
-        return f"{name}=[{' '.join(f'{x:.4f}' for x in value)}]"
-    return f"{name}={value:.4f}"
+        return f"{name}=[{' '.join(f'{x:.4g}' for x in value)}]"
+    return f"{name}={value:.4g}"

@@ -144,12 +144,13 @@ def fit_population(
     *,
     name: str,
     field: str,
-    on_epoch_end: Any = None,
+    **fit_options: Any,
 ) -> FitResult:
     """Trains ``len(seeds)`` members of ``model`` together, as a ``stage_config`` says.
 
     Member ``m`` starts from ``keys[m]`` and sees the batches of ``seeds[m]``; ``step_fn`` is a
     population step (``population_train_step`` or a distill step with its extra arguments bound).
+    ``fit_options`` go to :func:`~kdjax.train.loop.fit` (callbacks, checkpoints, on_nonfinite).
     """
     total_steps = split.steps_per_epoch(stage["batch_size"]) * stage["epochs"]
     tx = make_optimizer(stage["optimizer"], total_steps=total_steps, field=f"{field}.optimizer")
@@ -162,7 +163,7 @@ def fit_population(
         batch_size=stage["batch_size"],
         seed=list(seeds),
         name=name,
-        on_epoch_end=on_epoch_end,
+        **fit_options,
     )
 
 

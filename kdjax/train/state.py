@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
@@ -50,10 +51,13 @@ class FrozenModel(struct.PyTreeNode):
 def create_train_state(
     model: nn.Module, variables: dict[str, Any], tx: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
         rng=rng,
     )
+    # A strong int32 step, as a restored checkpoint has: a weakly typed 0 would make a resumed
+    # run compile its step a second time.
+    return state.replace(step=jnp.zeros((), jnp.int32))

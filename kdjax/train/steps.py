@@ -7,6 +7,10 @@
   (``batch["teacher_logits"]``): an unaugmented transfer set needs the teacher only once.
 - :func:`eval_step`: counts correct predictions over the valid rows of a batch.
 
+Every training step logs the gradient's global norm and guards the update: a step whose loss or
+gradient is not finite leaves the state as it was (only ``step`` advances) and reports
+``nonfinite = 1``; the loop then stops or counts it (:mod:`kdjax.train.loop`).
+
 ``max_shift`` (static) jitters the training images by up to that many pixels, drawn from the
 step's key. All training steps are vmapped unchanged into :mod:`kdjax.train.population`.
 """
@@ -19,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from kdjax.data.augment import random_translate
 from kdjax.data.batching import Batch
@@ -69,8 +74,30 @@ def _apply_loss(
         return loss, (updates.get("batch_stats", state.batch_stats), metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, metrics
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return _unless_nonfinite(updated, state, metrics)
+
+
+def _unless_nonfinite(
+    updated: TrainState, state: TrainState, metrics: Metrics
+) -> tuple[TrainState, Metrics]:
+    """``updated``, or ``state`` with only its step advanced where the loss or the gradient
+    is NaN or infinite: a bad step never reaches the parameters, the optimizer state or the
+    batch statistics. ``metrics["nonfinite"]`` (0 or 1) tells the loop, which stops or counts
+    (``on_nonfinite``)."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+    def keep_good(new: Any, old: Any) -> Any:
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    guarded = updated.replace(
+        params=keep_good(updated.params, state.params),
+        opt_state=keep_good(updated.opt_state, state.opt_state),
+        batch_stats=keep_good(updated.batch_stats, state.batch_stats),
+    )
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    return guarded, metrics
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")

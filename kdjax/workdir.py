@@ -1,0 +1,132 @@
+"""A run's work directory: new, resumed, or refused, decided before anything is written.
+
+- empty or missing: a new run;
+- a finished run (``results.json``): refused, unless ``--overwrite`` replaces it;
+- an unfinished run of the same config (``config.json`` equal, no ``results.json``): resumed,
+  each stage from its own checkpoints; ``--overwrite`` starts it again from scratch instead;
+- an unfinished run of another config: refused, naming the first field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kdjax.errors import WorkdirError
+from kdjax.io import write_json_atomic
+
+# Everything a run writes into its work directory; only these are replaced by --overwrite.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "results.json", "results.md")
+CONFIG = "config.json"
+RESULTS = "results.json"
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain JSON data, as ``config.json`` reads back (tuples become lists)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
+    return flat
+
+
+def first_difference(
+    saved: Mapping[str, Any], wanted: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> str | None:
+    """The first config field whose value differs, as ``field: saved -> wanted``, or None."""
+    a, b = _flatten(dict(saved)), _flatten(dict(wanted))
+    for key in sorted(set(a) | set(b)):
+        if key not in ignore and a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return f"{key}: {a.get(key, '<absent>')!r} there, {b.get(key, '<absent>')!r} now"
+    return None
+
+
+def _check_writable(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} is a file, not a folder: choose another path.")
+    ancestor = os.path.abspath(workdir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WorkdirError(
+            f"--workdir {workdir}: {ancestor} is not a writable folder: choose another path."
+        )
+
+
+def prepare(
+    workdir: str,
+    config: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    keep: str = "",
+    may_differ: Iterable[str] = (),
+) -> bool:
+    """Decides what to do with ``workdir``; writes nothing. Returns True to resume.
+
+    Args:
+      keep: a path the run will read (a teacher to reuse): refused if ``--overwrite`` would
+        delete it.
+      may_differ: config fields a resumed run may change (e.g. which parts to run).
+    """
+    _check_writable(workdir)
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(workdir, f))]
+    if not existing:
+        return False
+    if overwrite:
+        if keep:
+            inside = os.path.commonpath([os.path.abspath(keep), os.path.abspath(workdir)])
+            if inside == os.path.abspath(workdir):
+                raise WorkdirError(
+                    f"{keep!r} lies in {workdir}, which --overwrite would delete: reuse it from "
+                    "another --workdir."
+                )
+        return False
+    if RESULTS in existing:
+        raise WorkdirError(
+            f"{workdir} already holds a finished kdjax run ({RESULTS}). Choose another "
+            "--workdir, or pass --overwrite to replace that run."
+        )
+    try:
+        with open(os.path.join(workdir, CONFIG)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise WorkdirError(
+            f"{workdir} holds files of a kdjax run ({', '.join(existing)}) but no readable "
+            f"{CONFIG} ({err}), so it cannot be resumed: choose another --workdir, or pass "
+            "--overwrite to start again from scratch."
+        ) from err
+    difference = first_difference(saved, plain_config(config), ignore=may_differ)
+    if difference is not None:
+        raise WorkdirError(
+            f"{workdir} holds an unfinished run of another config ({difference}). Rerun with "
+            "that run's config to resume it, choose another --workdir, or pass --overwrite to "
+            "replace it."
+        )
+    return True
+
+
+def start(workdir: str, config: Mapping[str, Any], *, resuming: bool) -> None:
+    """Clears an earlier run unless resuming, and writes the resolved config."""
+    if not resuming:
+        for name in RUN_FILES:
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    path, data = os.path.join(workdir, CONFIG), plain_config(config)
+    if resuming:
+        with open(path) as f:
+            if json.load(f) == data:
+                return  # unchanged: a resume that then fails leaves the folder as it found it
+    write_json_atomic(path, data)
