@@ -75,29 +75,19 @@ def _apply_loss(
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
-    updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return _unless_nonfinite(updated, state, metrics)
-
-
-def _unless_nonfinite(
-    updated: TrainState, state: TrainState, metrics: Metrics
-) -> tuple[TrainState, Metrics]:
-    """``updated``, or ``state`` with only its step advanced where the loss or the gradient
-    is NaN or infinite: a bad step never reaches the parameters, the optimizer state or the
-    batch statistics. ``metrics["nonfinite"]`` (0 or 1) tells the loop, which stops or counts
-    (``on_nonfinite``)."""
+    # A step whose loss or gradient is NaN/Inf is not applied: the parameters, optimizer state
+    # and batch statistics stay as they were, only ``step`` advances. ``lax.cond`` (not a
+    # select over every array) keeps the usual update in place; under vmap it becomes a
+    # per-member select. ``nonfinite`` (0 or 1) tells the loop, which stops or counts.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-
-    def keep_good(new: Any, old: Any) -> Any:
-        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-    guarded = updated.replace(
-        params=keep_good(updated.params, state.params),
-        opt_state=keep_good(updated.opt_state, state.opt_state),
-        batch_stats=keep_good(updated.batch_stats, state.batch_stats),
-    )
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    return guarded, metrics
+    state = jax.lax.cond(
+        finite,
+        lambda s: s.apply_gradients(grads=grads, batch_stats=batch_stats),
+        lambda s: s.replace(step=s.step + 1),
+        state,
+    )
+    return state, metrics
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
