@@ -82,11 +82,15 @@ def dataset_config(
     )
 
 
-def checkpointing_config(every_steps: int = 0, max_to_keep: int = 2) -> ml_collections.ConfigDict:
-    """How training checkpoints (for resume) are kept; see kdjax.train.resume."""
+def checkpointing_config(
+    every_steps: int = 0, every_seconds: float = 120.0, max_to_keep: int = 2
+) -> ml_collections.ConfigDict:
+    """How training checkpoints (for resume) are kept; see kdjax.train.resume. Each stage's
+    last step, and the step at which a signal stops a run, are always saved."""
     return ml_collections.ConfigDict(
         dict(
-            every_steps=every_steps,  # save every this many steps; 0: at the end of each epoch
+            every_steps=every_steps,  # save every this many steps (0: not by steps)
+            every_seconds=every_seconds,  # save this long after the last save (0: not by time)
             max_to_keep=max_to_keep,  # saved steps kept per stage (the newest ones)
         )
     )
@@ -233,6 +237,11 @@ def check_config_fits_data(config: Mapping[str, Any], dataset: Dataset) -> None:
 def _check_survival_fields(config: Mapping[str, Any]) -> None:
     if "checkpointing" in config:
         _non_negative_int(config, "checkpointing.every_steps")
+        if _number(config, "checkpointing.every_seconds") < 0:
+            raise ConfigError(
+                f"checkpointing.every_seconds={config['checkpointing']['every_seconds']} must be "
+                ">= 0 (0: save only by steps, at the end and on a signal)."
+            )
         _positive_int(config, "checkpointing.max_to_keep")
     if "on_nonfinite" in config and config["on_nonfinite"] not in ON_NONFINITE:
         raise ConfigError(

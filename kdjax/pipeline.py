@@ -224,6 +224,7 @@ def training_checkpoints(config: Mapping[str, Any], directory: str) -> TrainChec
     return TrainCheckpoints(
         directory,
         every_steps=int(section.get("every_steps", 0)),
+        every_seconds=float(section.get("every_seconds", 120.0)),
         max_to_keep=int(section.get("max_to_keep", 2)),
     )
 

@@ -123,6 +123,7 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(digits_run, tmp_p
         ("on_nonfinite", "ignore", ConfigError, r"on_nonfinite='ignore' must be one of stop"),
         ("checkpointing.every_steps", -1, ConfigError, r"every_steps=-1 must be a whole number"),
         ("checkpointing.max_to_keep", 0, ConfigError, r"max_to_keep=0 must be a whole number"),
+        ("checkpointing.every_seconds", -1.0, ConfigError, r"every_seconds=-1.0 must be >= 0"),
         ("runner", "hinton2016", ConfigError, r"runner: unknown runner.*Did you mean 'hinton2015'"),
         (
             "dataset.raw_dir",

@@ -2,7 +2,7 @@
 
 Command:   kdjax --workdir runs/digits            (or: python -m kdjax)
 Smoke:     kdjax --config=kdjax/configs/default.py:smoke
-Wall time: about 30 s on a 2-core CPU (smoke: a few seconds).
+Wall time: about 10 s on a 2-core CPU (smoke: a few seconds).
 Expected:  teacher ~97-98 % test accuracy; students ~94-97 % (360 test digits).
 
 scikit-learn's 1,797 real 8x8 digits need neither network nor files, so this runs anywhere.

@@ -43,6 +43,7 @@ ResumeCallback = Callable[[list[dict[str, Any]]], None]
 ON_NONFINITE = ("stop", "skip")
 # Metrics that are not loss terms: never named as the term that went non-finite.
 _NOT_TERMS = ("accuracy", "teacher_agreement", "nonfinite")
+_CHECK_EVERY = 16  # steps between reads of the non-finite count (stop mode)
 
 
 @dataclasses.dataclass
@@ -122,7 +123,14 @@ def fit(
     start = time.perf_counter()
     wall_before, steady_before = progress.wall_time_s, progress.steady_time_s
     steady_start = None
-    pending: tuple[int, Metrics] | None = None  # the last step, until its finiteness is known
+    # Steps whose finiteness is not yet checked: checking every step would make the host wait
+    # for the device each step; a running count in the epoch sums is read every few steps.
+    pending: list[tuple[int, Metrics]] = []
+
+    def check_finite() -> None:
+        if on_nonfinite == "stop":
+            _check_finite(pending, sums, name, members, checkpoints)
+
     while progress.step < total_steps:
         epoch, offset = divmod(progress.step, steps_per_epoch)
         if offset == 0:
@@ -131,11 +139,11 @@ def fit(
         for batch in batches:
             state, metrics = step_fn(state, batch)
             sums = _accumulate(sums, metrics)
-            if on_nonfinite == "stop":
-                # Checking the step before this one lets the device run ahead by one step.
-                _check_finite(pending, name, members, checkpoints)
-                pending = (progress.step + 1, metrics)
             progress.step += 1
+            if on_nonfinite == "stop":
+                pending.append((progress.step, metrics))
+                if len(pending) >= _CHECK_EVERY:
+                    check_finite()
             if steady_start is None:
                 jax.block_until_ready(state)
                 steady_start = time.perf_counter()
@@ -144,23 +152,18 @@ def fit(
             if progress.step % steps_per_epoch == 0:
                 break  # the epoch's last step: saved below, with the epoch's record
             interrupted = preemption.requested() is not None
-            if interrupted or (
-                checkpoints is not None
-                and checkpoints.due(progress.step, epoch_end=False, last=False)
-            ):
-                _check_finite(pending, name, members, checkpoints)
+            if interrupted or (checkpoints is not None and checkpoints.due(progress.step)):
+                check_finite()
                 save()
             if interrupted:
                 raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
-        _check_finite(pending, name, members, checkpoints)
+        check_finite()
         record = _epoch_record(jax.device_get(sums), steps_per_epoch, on_nonfinite)
         record["epoch"] = epoch + 1
         progress.history.append(record)
         interrupted = preemption.requested() is not None
-        if checkpoints is not None and (
-            interrupted
-            or checkpoints.due(progress.step, epoch_end=True, last=progress.step == total_steps)
-        ):
+        last = progress.step == total_steps
+        if checkpoints is not None and (interrupted or last or checkpoints.due(progress.step)):
             save()
         _log_epoch(name, epoch + 1, epochs, record)
         if on_epoch_end is not None:
@@ -197,20 +200,23 @@ def _as_python(value: np.ndarray) -> Any:
 
 
 def _check_finite(
-    pending: tuple[int, Metrics] | None,
+    pending: list[tuple[int, Metrics]],
+    sums: Metrics,
     name: str,
     members: int,
     checkpoints: TrainCheckpoints | None,
 ) -> None:
-    """Raises :class:`NonFiniteError` if the step in ``pending`` went non-finite."""
-    if pending is None:
+    """Raises :class:`NonFiniteError` for the first step in ``pending`` that went non-finite;
+    empties ``pending`` otherwise. ``sums`` (this epoch's, which include every pending step)
+    say with one read whether any did."""
+    if not pending:
         return
-    step, metrics = pending
-    flags = np.atleast_1d(np.asarray(metrics["nonfinite"]))
-    if not flags.any():
+    if not np.any(np.asarray(sums["nonfinite"])):
+        pending.clear()
         return
+    step, metrics = next((s, m) for s, m in pending if np.any(np.asarray(m["nonfinite"])))
     values = {k: np.atleast_1d(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    member = int(np.flatnonzero(flags)[0])
+    member = int(np.flatnonzero(values["nonfinite"])[0])
     bad = [
         k
         for k, v in values.items()

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -92,16 +93,27 @@ class TrainCheckpoints:
 
     Args:
       directory: the orbax manager's folder (created on the first save).
-      every_steps: save every this many steps; 0 saves at the end of each epoch. The last
-        step, and the step at which a run is interrupted, are always saved.
+      every_steps: save after every this many steps (0: not by steps).
+      every_seconds: save at the first step boundary this long after the last save (0: not
+        by time). Where checkpoints fall never changes the result: resuming from any step is
+        exact. The last step, and the step at which a run is interrupted, are always saved.
       max_to_keep: how many saved steps to keep (older ones are deleted, the newest kept).
     """
 
-    def __init__(self, directory: str, *, every_steps: int = 0, max_to_keep: int = 2):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+        max_to_keep: int = 2,
+    ):
         self.directory = os.path.abspath(directory)  # orbax refuses relative paths
         self.every_steps = every_steps
+        self.every_seconds = every_seconds
         self.max_to_keep = max_to_keep
         self._manager: ocp.CheckpointManager | None = None
+        self._last_save = time.monotonic()
 
     # --- which steps exist --------------------------------------------------------------------
 
@@ -179,13 +191,13 @@ class TrainCheckpoints:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def due(self, step: int, *, epoch_end: bool, last: bool) -> bool:
-        """Whether the loop saves after ``step``."""
-        if last:
+    def due(self, step: int) -> bool:
+        """Whether the loop saves after ``step`` (besides the last step and interruptions)."""
+        if self.every_steps and step % self.every_steps == 0:
             return True
-        if self.every_steps == 0:
-            return epoch_end
-        return step % self.every_steps == 0
+        return bool(self.every_seconds) and (
+            time.monotonic() - self._last_save >= self.every_seconds
+        )
 
     def save(self, state: Any, epoch_sums: Any, progress: Progress) -> None:
         manager = self._open()
@@ -201,6 +213,7 @@ class TrainCheckpoints:
             os.path.join(step_dir, MANIFEST),
             {"step": progress.step, "files": _file_hashes(step_dir)},
         )
+        self._last_save = time.monotonic()
 
     def restore_latest(self, state: Any, epoch_sums: Any) -> tuple[Any, Any, Progress] | None:
         """The newest verified checkpoint, shaped like ``state`` and ``epoch_sums`` (templates
