@@ -142,19 +142,25 @@ def test_many_kills_then_resume_is_bit_identical(reference, tmp_path):
     _assert_same_models(workdir, reference)
 
 
-def test_sigterm_checkpoints_and_exits_then_resumes(reference, tmp_path):
-    workdir = tmp_path / "run"
+def _interrupted(workdir):
+    """Starts the job and sends SIGTERM once it has saved something; returns its stderr."""
     proc = _start(workdir)
     assert _wait_for_progress(proc, workdir)
     proc.send_signal(signal.SIGTERM)
-    code, out, err = _finish(proc)
+    code, _, err = _finish(proc)
     assert code == 3, err
+    return err
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(reference, tmp_path):
+    workdir = tmp_path / "run"
+    err = _interrupted(workdir)
     assert "SIGTERM received: saving a checkpoint after this step" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("kdjax: error: ") and "interrupted by a signal; checkpoint saved" in last
     assert "Run the same command again to resume." in last
     assert not (workdir / "results.json").exists()
-    code, out, err = _finish(_start(workdir))
+    code, _, err = _finish(_start(workdir))
     assert code == 0, err
     assert "Resuming from step" in err
     _assert_same_models(workdir, reference)
@@ -191,11 +197,7 @@ def _snapshot(workdir):
 @pytest.fixture()
 def interrupted_run(tmp_path):
     workdir = tmp_path / "run"
-    proc = _start(workdir)
-    assert _wait_for_progress(proc, workdir)
-    proc.send_signal(signal.SIGTERM)
-    code, _, err = _finish(proc)
-    assert code == 3, err
+    _interrupted(workdir)
     return workdir
 
 
