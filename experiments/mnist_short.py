@@ -7,7 +7,7 @@ Wall time: about 80 seconds on a 2-core CPU (plus ~25 s, once, for TFDS to prepa
 Expected:  teacher under 200 test errors (of 10,000); scratch and distilled students ~98 %.
 
 A short run, not the paper's table: the paper trains far longer, with weight constraints and
-jittered inputs (see issue 3 for the reproduction).
+jittered inputs (the reproduction is experiments/hinton2015_mnist.py).
 """
 
 from kdjax.configs import hinton_mlp

@@ -2,7 +2,7 @@
 
 Usage: kdjax [--config=PATH[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir=DIR] [--overwrite]
 
-  kdjax                                        the embedded digits job (about 20 s on a CPU)
+  kdjax                                        the embedded digits job (about 10 s on a CPU)
   kdjax --config=experiments/mnist_short.py --config.dataset.raw_dir=PATH/TO/mnist
   kdjax --config=experiments/mnist_short.py:smoke --config.student.temperature=8
 
@@ -12,7 +12,8 @@ next step and stops (a second one stops at once).
 
 Exit codes: 0 done; 1 crash; 2 bad input (nothing was trained or written); 3 interrupted by a
 signal (a checkpoint was saved: rerun the same command to resume); 4 stopped at a NaN/Inf loss
-or gradient (the last good checkpoint is kept).
+or gradient (the last good checkpoint is kept); 128 + N killed by signal N (a second signal, or
+one outside training).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -59,12 +61,48 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _plain_message(err: BaseException) -> str:
-    """The innermost message of a (possibly wrapped) parse error, on one line."""
+def _innermost(err: BaseException) -> BaseException:
     while err.args and isinstance(err.args[0], BaseException):
         err = err.args[0]
+    return err
+
+
+def _plain_message(err: BaseException) -> str:
+    """The innermost message of a (possibly wrapped) parse error, on one line; of a config
+    file that raised, its exception's last line rather than the whole traceback."""
+    err = _innermost(err)
     text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    if "Traceback (most recent call last)" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
     return " ".join(text.split())
+
+
+def _parse_error_message(err: BaseException, argv: list[str]) -> str:
+    """What went wrong with the command line, naming the argument at fault."""
+    message = _plain_message(err)
+    unknown = re.match(r"'([^']+)'\s*(.*)", message)
+    if isinstance(_innermost(err), KeyError | AttributeError) and unknown:
+        key, hint = unknown.groups()
+        for arg in argv:
+            field = arg.split("=", 1)[0]
+            if field.startswith("--config.") and key in field.split("."):
+                hint = f" {hint}" if hint else " (the config file lists every field)"
+                return f"{field}: the config has no field {key!r}.{hint}"
+    return message
+
+
+def _check_config_path(argv: list[str]) -> None:
+    """``--config=PATH[:VARIANT]`` must name a file (ml_collections' own error is opaque)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            _fail(f"--config={value}: there is no file {path} (see experiments/ for configs).")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -74,7 +112,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except _PARSE_ERRORS as err:
-        _fail(f"{_plain_message(err)} (see kdjax --help)")
+        _fail(f"{_parse_error_message(err, argv)} (see kdjax --help)")
 
 
 def _main(argv: list[str]) -> None:
@@ -95,14 +133,17 @@ def _main(argv: list[str]) -> None:
         name = config.get("name", "kdjax")  # a config file that failed to load raises here
     except OSError as err:
         _fail(f"cannot load --config: {_plain_message(err)}")
+    if FLAGS.workdir is not None and not FLAGS.workdir.strip():
+        _fail("--workdir is empty: give a folder, or leave the flag out for runs/NAME-TIME.")
     workdir = FLAGS.workdir or os.path.join(
         "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
-    logging.getLogger("kdjax").info("Work directory: %s", workdir)
     try:
         with stop_on_signals():
             results = get_runner(config)(config, workdir, overwrite=FLAGS.overwrite)
     except Interrupted as err:
+        if FLAGS.workdir is None:  # the same command would pick a new, empty work directory
+            err = f"{err} Add --workdir={workdir} to it: without it a new run starts."
         _fail(str(err), code=3)
     except NonFiniteError as err:
         _fail(str(err), code=4)
@@ -114,10 +155,11 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
+    _check_config_path(sys.argv)
     try:
         _define_flags()
     except _PARSE_ERRORS as err:
-        _fail(f"{_plain_message(err)} (see kdjax --help)")
+        _fail(f"{_parse_error_message(err, sys.argv)} (see kdjax --help)")
     # Progress lines go to stderr; --verbosity=-1 silences them.
     FLAGS.set_default("logtostderr", True)
     app.run(_main, flags_parser=_parse_flags)

@@ -165,6 +165,21 @@ def check_seeds(config: Mapping[str, Any]) -> list[int]:
     return list(seeds)
 
 
+# The temperatures at which kdjax.losses.soft_kl is tested finite and float32-accurate (its T^2
+# factor multiplies float32 rounding: beyond 100 the soft term loses its digits).
+TEMPERATURE_RANGE = (0.05, 100.0)
+
+
+def check_temperature(temperature: float, field: str) -> None:
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        raise ConfigError(
+            f"{field}={temperature} must be in [{low:g}, {high:g}]: it divides the logits (1 = "
+            "plain softmax; Hinton et al. use 2-20), and outside that range the soft term is "
+            "not accurate in float32."
+        )
+
+
 def validate_config(config: Mapping[str, Any]) -> None:
     """Raises :class:`ConfigError` naming the first field kdjax cannot use, and how to fix it.
 
@@ -201,12 +216,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
             f"{classes['student']}: distillation needs the same classes. Make them equal, or "
             "remove both (they are taken from the dataset)."
         )
-    temperature = _number(config, "student.temperature")
-    if temperature <= 0:
-        raise ConfigError(
-            f"student.temperature={temperature} must be > 0: it divides the logits "
-            "(1 = plain softmax; Hinton et al. use 2-20)."
-        )
+    check_temperature(_number(config, "student.temperature"), "student.temperature")
     alpha = _number(config, "student.alpha")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(

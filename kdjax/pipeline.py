@@ -58,6 +58,12 @@ class StageOutcome:
     wall_time_s: float
     examples_per_s: float | None
     epochs: int
+    skipped_steps: int = 0  # non-finite steps left out (on_nonfinite=skip)
+
+
+def _skipped(outcome: StageOutcome) -> dict[str, Any]:
+    """Steps left out as non-finite: in the results wherever there were any, never hidden."""
+    return {"skipped_steps": outcome.skipped_steps} if outcome.skipped_steps else {}
 
 
 def _as_json(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,11 +152,15 @@ class _Run:
                 self.metrics_path, {"stage": stage, **record}
             ),
             checkpoints=progress,
-            on_resume=lambda history: replace_stage_lines(self.metrics_path, stage, history),
+            on_start=lambda history: replace_stage_lines(self.metrics_path, stage, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
         )
         outcome = StageOutcome(
-            result.state.frozen(), result.wall_time_s, result.examples_per_s, stage_config["epochs"]
+            result.state.frozen(),
+            result.wall_time_s,
+            result.examples_per_s,
+            stage_config["epochs"],
+            int(sum(record.get("nonfinite_steps", 0) for record in result.history)),
         )
         # Saved as soon as it is trained, so a later stage's failure cannot lose it.
         checkpoint.save_model(
@@ -165,6 +175,7 @@ class _Run:
                 "epochs": outcome.epochs,
                 "wall_time_s": outcome.wall_time_s,
                 "examples_per_s": outcome.examples_per_s,
+                "skipped_steps": outcome.skipped_steps,
             },
         )
         progress.delete_all()  # the model is saved; its optimizer state is no longer needed
@@ -181,6 +192,7 @@ class _Run:
             saved.get("wall_time_s", 0.0),
             saved.get("examples_per_s"),
             saved.get("epochs", 0),
+            saved.get("skipped_steps", 0),
         )
 
     def restore_teacher(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
@@ -197,17 +209,21 @@ class _Run:
             scores["errors"],
             scores["count"],
         )
-        return {
-            "stage": stage,
-            "model": _describe(_as_json(self.config[role]["model"])),
-            "params": count_params(outcome.model.variables["params"]),
-            "test_accuracy": scores["accuracy"],
-            "test_errors": scores["errors"],
-            "test_loss": scores["loss"],
-            "epochs": outcome.epochs,
-            "train_examples_per_s": outcome.examples_per_s,
-            "wall_time_s": outcome.wall_time_s,
-        } | self._validation_scores(outcome)
+        return (
+            {
+                "stage": stage,
+                "model": _describe(_as_json(self.config[role]["model"])),
+                "params": count_params(outcome.model.variables["params"]),
+                "test_accuracy": scores["accuracy"],
+                "test_errors": scores["errors"],
+                "test_loss": scores["loss"],
+                "epochs": outcome.epochs,
+                "train_examples_per_s": outcome.examples_per_s,
+                "wall_time_s": outcome.wall_time_s,
+            }
+            | self._validation_scores(outcome)
+            | _skipped(outcome)
+        )
 
     def _validation_scores(self, outcome: StageOutcome) -> dict[str, Any]:
         """Accuracy on the held-out training examples, when ``dataset.validation_examples``

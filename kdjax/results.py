@@ -13,6 +13,7 @@ COLUMNS = (
     ("test_accuracy", "test accuracy", "{:.2%}"),
     ("test_errors", "test errors", "{:,}"),
     ("validation_accuracy", "validation accuracy", "{:.2%}"),
+    ("skipped_steps", "skipped non-finite steps", "{:,}"),
     ("train_examples_per_s", "train examples/s", "{:,.0f}"),
     ("wall_time_s", "wall time (s)", "{:.1f}"),
 )

@@ -4,12 +4,14 @@
 - a finished run (``results.json``): refused, unless ``--overwrite`` replaces it;
 - an unfinished run of the same config (``config.json`` equal, no ``results.json``): resumed,
   each stage from its own checkpoints; ``--overwrite`` starts it again from scratch instead;
-- an unfinished run of another config: refused, naming the first field that differs.
+- an unfinished run of another config: refused, naming the fields that differ (how it is
+  checkpointed and ``on_nonfinite`` may change).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -18,10 +20,15 @@ from typing import Any
 from kdjax.errors import WorkdirError
 from kdjax.io import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 # Everything a run writes into its work directory; only these are replaced by --overwrite.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "results.json", "results.md")
 CONFIG = "config.json"
 RESULTS = "results.json"
+# Config fields an unfinished run may be resumed with changed: they decide how it is kept, not
+# what it computes.
+RESUMABLE_CHANGES = ("checkpointing", "on_nonfinite")
 
 
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,15 +46,20 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def first_difference(
+def differences(
     saved: Mapping[str, Any], wanted: Mapping[str, Any], ignore: Iterable[str] = ()
-) -> str | None:
-    """The first config field whose value differs, as ``field: saved -> wanted``, or None."""
+) -> list[str]:
+    """The config fields whose values differ, each as ``field: saved there, wanted now``."""
     a, b = _flatten(dict(saved)), _flatten(dict(wanted))
+    ignored = tuple(ignore)
+    found = []
     for key in sorted(set(a) | set(b)):
-        if key not in ignore and a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return f"{key}: {a.get(key, '<absent>')!r} there, {b.get(key, '<absent>')!r} now"
-    return None
+        if key.split(".")[0] in ignored or key in ignored:
+            continue
+        there, now = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if there != now:
+            found.append(f"{key}: {there!r} there, {now!r} now")
+    return found
 
 
 def _check_writable(workdir: str) -> None:
@@ -104,11 +116,12 @@ def prepare(
             f"{CONFIG} ({err}), so it cannot be resumed: choose another --workdir, or pass "
             "--overwrite to start again from scratch."
         ) from err
-    difference = first_difference(saved, plain_config(config), ignore=may_differ)
-    if difference is not None:
+    found = differences(saved, plain_config(config), ignore=(*RESUMABLE_CHANGES, *may_differ))
+    if found:
+        shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
         raise WorkdirError(
-            f"{workdir} holds an unfinished run of another config ({difference}). Rerun with "
-            "that run's config to resume it, choose another --workdir, or pass --overwrite to "
+            f"{workdir} holds an unfinished run of another config ({shown}). Rerun with that "
+            "run's config to resume it, choose another --workdir, or pass --overwrite to "
             "replace it."
         )
     return True
@@ -116,6 +129,12 @@ def prepare(
 
 def start(workdir: str, config: Mapping[str, Any], *, resuming: bool) -> None:
     """Clears an earlier run unless resuming, and writes the resolved config."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise WorkdirError(
+            f"--workdir {workdir} cannot be made ({err}): choose another path."
+        ) from err
     if not resuming:
         for name in RUN_FILES:
             path = os.path.join(workdir, name)
@@ -123,7 +142,7 @@ def start(workdir: str, config: Mapping[str, Any], *, resuming: bool) -> None:
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
+    logger.info("%s the run in %s.", "Resuming" if resuming else "Starting", workdir)
     path, data = os.path.join(workdir, CONFIG), plain_config(config)
     if resuming:
         with open(path) as f:

@@ -63,9 +63,38 @@ def test_corrupted_raw_files_are_refused(tmp_path):
     shutil.copytree(raw_dir("mnist"), bad)
     with gzip.open(bad / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(b"not mnist")
-    with pytest.raises(DataError, match="could not prepare 'mnist'"):
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is not mnist's"):
         load_dataset({"name": "mnist", "raw_dir": str(bad), "tfds_data_dir": str(tmp_path / "t")})
     assert not os.path.exists(tmp_path / "t" / "mnist" / "3.0.1" / "dataset_info.json")
+
+
+def test_another_datasets_raw_files_are_refused_even_when_prepared(mnist, mnist_config):
+    """mnist is already prepared in this TFDS folder: without the checksum check, TFDS would
+    silently serve it from there, ignoring the Fashion-MNIST files given as raw_dir."""
+    config = dict(mnist_config, raw_dir=raw_dir("fashion_mnist"))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is not mnist's"):
+        load_dataset(config)
+
+
+def test_offline_download_fails_at_once_naming_the_fix(tmp_path, monkeypatch):
+    """No network (as here): the error comes before TFDS's minutes of retries."""
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for variable in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.delenv(variable.upper(), raising=False)
+    with pytest.raises(DataError, match=r"cannot be reached from here.*set dataset.raw_dir"):
+        load_dataset({"name": "fashion_mnist", "tfds_data_dir": str(tmp_path)})
+    assert not any(tmp_path.iterdir())
+
+
+def test_digits_refuses_data_folders_it_would_ignore():
+    with pytest.raises(DataError, match="dataset.raw_dir=.*digits ships with scikit-learn"):
+        load_dataset({"name": "digits", "raw_dir": "../shared/data/mnist"})
 
 
 def test_unknown_dataset_suggests_a_name():

@@ -100,8 +100,19 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(digits_run, tmp_p
         ("teacher.model.name", "resnet9000", ConfigError, r"teacher.model.name: unknown model"),
         ("student.model.name", "mpl", ConfigError, r"student.model.name.*Did you mean 'mlp'"),
         ("dataset.name", "cifar", ConfigError, r"dataset.name: unknown dataset 'cifar'"),
-        ("student.temperature", 0.0, ConfigError, r"student.temperature=0.0 must be > 0"),
-        ("student.temperature", -2.0, ConfigError, r"student.temperature=-2.0 must be > 0"),
+        (
+            "student.temperature",
+            0.0,
+            ConfigError,
+            r"student.temperature=0.0 must be in \[0.05, 100\]",
+        ),
+        (
+            "student.temperature",
+            -2.0,
+            ConfigError,
+            r"student.temperature=-2.0 must be in \[0.05, 100\]",
+        ),
+        ("student.temperature", 1e30, ConfigError, r"temperature=1e\+30 must be in \[0.05, 100"),
         ("student.alpha", 1.5, ConfigError, r"student.alpha=1.5 must be in \[0, 1\]"),
         ("student.alpha", -0.1, ConfigError, r"student.alpha=-0.1 must be in \[0, 1\]"),
         ("student.batch_size", 0, ConfigError, r"student.batch_size=0 must be a whole number"),
@@ -176,6 +187,19 @@ def test_a_model_that_pools_the_images_away_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_skipped_non_finite_steps_are_reported_not_hidden(tmp_path):
+    config = _digits_config(epochs=2)
+    config.teacher.optimizer.learning_rate = 1e6  # diverges within a few steps
+    config.on_nonfinite = "skip"
+    results = run(config, str(tmp_path))
+    teacher, scratch, _ = results["rows"]
+    assert 0 < teacher["skipped_steps"] <= 2 * 22 and "skipped_steps" not in scratch
+    assert "skipped non-finite steps" in (tmp_path / "results.md").read_text()
+    with open(tmp_path / "metrics.jsonl") as f:
+        teacher_epochs = [json.loads(line) for line in f][:2]
+    assert sum(r["nonfinite_steps"] for r in teacher_epochs) == teacher["skipped_steps"]
+
+
 def _kdjax(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "kdjax", *args], cwd=cwd, capture_output=True, text=True, timeout=600
@@ -199,7 +223,7 @@ def test_cli_runs_the_smoke_config_and_prints_the_table(tmp_path):
 def test_cli_bad_input_exits_non_zero_with_a_message(tmp_path):
     done = _kdjax("--config.student.temperature=0", f"--workdir={tmp_path}/run", cwd=tmp_path)
     assert done.returncode == 2
-    assert "kdjax: error: student.temperature=0.0 must be > 0" in done.stderr
+    assert "kdjax: error: student.temperature=0.0 must be in [0.05, 100]" in done.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -207,13 +231,21 @@ def test_cli_bad_input_exits_non_zero_with_a_message(tmp_path):
     "args, message",
     [
         (["--config.student.temprature=3"], 'Did you mean "temperature"'),
-        (["--config=no_such_config.py"], "cannot load --config"),
         (["--config.student.alpha=abc"], "could not convert string to float"),
         (["stray"], "unexpected arguments: stray"),
+        (["--config.foo=1"], "--config.foo: the config has no field 'foo'"),
+        (
+            ["--config.student.temprature=3"],
+            "--config.student.temprature: the config has no field 'temprature'. Did you mean",
+        ),
+        (["--config=no/such.py:smoke"], "--config=no/such.py:smoke: there is no file no/such.py"),
+        ([f"--config={REPO}/experiments/mnist_short.py:smokey"], "unknown variant 'smokey'"),
+        (["--workdir="], "--workdir is empty"),
     ],
 )
 def test_cli_parse_errors_are_one_line(tmp_path, args, message):
-    done = _kdjax(*args, f"--workdir={tmp_path}/run", cwd=tmp_path)
+    workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}/run"]
+    done = _kdjax(*args, *workdir, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("kdjax: error: ") and message in done.stderr
     assert "Traceback" not in done.stderr
@@ -240,6 +272,9 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(WorkdirError, match=r"is not a writable folder"):
         run(_digits_config(epochs=1), str(path / "run"))
     assert path.read_text() == "keep me"
+    # /proc passes a permission check (as root too) but no folder can be made in it.
+    with pytest.raises(WorkdirError, match=r"--workdir /proc/kdjax-run cannot be made"):
+        run(_digits_config(epochs=1), "/proc/kdjax-run")
 
 
 def test_jittered_teacher_and_validation_split_in_the_pipeline(tmp_path):

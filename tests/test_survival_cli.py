@@ -173,7 +173,7 @@ def test_a_second_signal_stops_at_once():
     script = (
         "import os, signal, sys, time\n"
         "from kdjax.train import preemption\n"
-        "with preemption.stop_on_signals():\n"
+        "with preemption.stop_on_signals(), preemption.training():\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
         "    print('first: asked', preemption.requested() == signal.SIGINT, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGINT); time.sleep(2)\n"
@@ -182,6 +182,54 @@ def test_a_second_signal_stops_at_once():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == -signal.SIGINT, done.stderr
     assert done.stdout == "first: asked True\n"
+
+
+def test_a_signal_outside_training_stops_at_once():
+    """Loading data or evaluating has no step boundary to wait for: the signal acts as usual."""
+    script = (
+        "import os, signal, time\n"
+        "from kdjax.train import preemption\n"
+        "with preemption.stop_on_signals():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(2)\n"
+        "    print('still running', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGTERM and done.stdout == ""
+
+
+def test_a_kill_before_the_first_checkpoint_restarts_the_stage_cleanly(reference, tmp_path):
+    """With the default cadence (every 2 minutes) a short run is killed before any save: the
+    stage starts again, and its metrics lines are not written twice."""
+    workdir = tmp_path / "run"
+    args = [a for a in ARGS if "checkpointing" not in a]
+    command = [sys.executable, "-m", "kdjax", *args, f"--workdir={workdir}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (workdir / "metrics.jsonl").exists() or len(_metrics_lines(workdir)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "no checkpoint in" in done.stderr and "starting at step 0" in done.stderr
+    assert _metrics_lines(workdir) == _metrics_lines(reference)
+    _assert_same_models(workdir, reference)
+
+
+def test_an_interrupted_run_without_workdir_says_which_one_to_resume(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdjax", *ARGS],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_for_progress(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = _finish(proc)
+    assert code == 3, err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"Add --workdir=runs/{run.name} to it: without it a new run starts." in err
 
 
 def _snapshot(workdir):
@@ -206,7 +254,7 @@ def interrupted_run(tmp_path):
     [
         (["--config.student.temperature=8"], "unfinished run of another config (student."),
         (["--config.student.temprature=3"], 'Did you mean "temperature"'),
-        (["--config.student.temperature=0"], "student.temperature=0.0 must be > 0"),
+        (["--config.student.temperature=0"], "student.temperature=0.0 must be in [0.05, 100]"),
         (["--config.teacher.model.name=mpl"], "Did you mean 'mlp'"),
         (["--config.on_nonfinite=ignore"], "on_nonfinite='ignore' must be one of stop, skip"),
         (["--config.checkpointing.every_steps=-1"], "every_steps=-1 must be a whole number"),

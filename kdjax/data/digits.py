@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from kdjax.data.datasets import DATASETS, Dataset, Split, images_to_float
+from kdjax.errors import DataError
 
 # sklearn's digits have no official split; this fixed 80/20 split (shuffled with a fixed seed)
 # is kdjax's, so every run and every user sees the same test set.
@@ -17,7 +18,13 @@ _TEST_SIZE = 360
 
 @DATASETS.register("digits")
 def load_digits(dataset_config: Mapping[str, Any]) -> Dataset:
-    del dataset_config  # nothing to configure: the data ships with scikit-learn
+    for field in ("raw_dir", "tfds_data_dir"):
+        if dataset_config.get(field):
+            raise DataError(
+                f"dataset.{field}={dataset_config[field]!r} is set, but digits ships with "
+                "scikit-learn and reads no files: remove it (or choose dataset.name=mnist or "
+                "fashion_mnist)."
+            )
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()

@@ -12,8 +12,11 @@ training loop never touches it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +52,52 @@ def check_raw_dir(raw_dir: str, dataset_name: str) -> None:
         )
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_raw_files_match(builder: Any, raw_dir: str, dataset_name: str) -> None:
+    """Raises :class:`DataError` unless the files in ``raw_dir`` are the ones TFDS records for
+    ``dataset_name`` (its checksums). Caught here, another dataset's folder would be ignored
+    when TFDS has prepared ``dataset_name`` before, or fail deep inside TFDS when not."""
+    expected = {
+        os.path.basename(urllib.parse.urlparse(url).path): info.checksum
+        for url, info in (builder.url_infos or {}).items()
+    }
+    for name in RAW_FILES:
+        if name in expected and _sha256(os.path.join(raw_dir, name)) != expected[name]:
+            raise DataError(
+                f"dataset.raw_dir={raw_dir!r}: {name} is not {dataset_name}'s (its SHA-256 "
+                f"differs from the one TFDS records for {dataset_name}). Point raw_dir to the "
+                f"original, unmodified {dataset_name} files."
+            )
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+
+
+def check_download_possible(builder: Any, dataset_name: str) -> None:
+    """Fails at once, rather than after minutes of TFDS's retries, when the download hosts'
+    names cannot even be resolved (no network). Behind a proxy the proxy resolves them, so
+    nothing is checked."""
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
+        return
+    hosts = {urllib.parse.urlparse(url).hostname for url in (builder.url_infos or {})}
+    for host in sorted(h for h in hosts if h):
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as err:
+            raise DataError(
+                f"TFDS would download {dataset_name} from {host}, which cannot be reached from "
+                f"here ({err}). Without network access, set dataset.raw_dir to a folder of "
+                f"the original IDX .gz files ({', '.join(RAW_FILES)})."
+            ) from err
+
+
 def _import_tfds():
     # TensorFlow must not claim accelerator memory that JAX will need.
     import tensorflow as tf
@@ -70,6 +119,10 @@ def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
     tfds = _import_tfds()
     builder = tfds.builder(name, data_dir=data_dir)
     download_dir = None
+    if raw_dir is not None:
+        check_raw_files_match(builder, raw_dir, name)
+    elif not builder.is_prepared():
+        check_download_possible(builder, name)
     if raw_dir is not None:
         download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
         source = f"the raw files in {raw_dir}"

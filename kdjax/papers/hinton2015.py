@@ -39,7 +39,12 @@ import numpy as np
 
 from kdjax import checkpoint, scores
 from kdjax import workdir as workdirs
-from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
+from kdjax.config import (
+    check_config_fits_data,
+    check_models_fit_data,
+    check_temperature,
+    validate_config,
+)
 from kdjax.data import Dataset, DeviceSplit, Split, load_dataset
 from kdjax.data.datasets import validation_indices
 from kdjax.errors import ConfigError
@@ -133,7 +138,7 @@ class Reproduction:
             field=role,
             on_epoch_end=self._log_epoch(name),
             checkpoints=self.progress(name),
-            on_resume=lambda history: replace_stage_lines(self.metrics_path, name, history),
+            on_start=lambda history: replace_stage_lines(self.metrics_path, name, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
         )
         frozen = result.state.frozen()
@@ -459,11 +464,13 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"transfer.{field}={transfer[field]!r} must be a number > 0.")
     temperatures = list(config["sweep"]["temperatures"])
     if not temperatures or any(
-        isinstance(t, bool) or not isinstance(t, int | float) or t <= 0 for t in temperatures
+        isinstance(t, bool) or not isinstance(t, int | float) for t in temperatures
     ):
         raise ConfigError(
-            f"sweep.temperatures={temperatures!r} must be a non-empty list of numbers > 0."
+            f"sweep.temperatures={temperatures!r} must be a non-empty list of numbers."
         )
+    for temperature in temperatures:
+        check_temperature(float(temperature), "sweep.temperatures")
     for hidden in config["sweep"]["hidden_sizes"]:
         build_model(
             {**config["student"]["model"], "hidden_sizes": tuple(hidden)},

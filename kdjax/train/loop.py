@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 # Called with (epoch, mean metrics of that epoch) after each epoch.
 EpochCallback = Callable[[int, dict[str, Any]], None]
-# Called once when a fit resumes, with the records of the epochs it had finished.
-ResumeCallback = Callable[[list[dict[str, Any]]], None]
+# Called once before training, with the records of the epochs a resumed fit had finished
+# (none on a fresh start): what a metrics file should hold at that point.
+StartCallback = Callable[[list[dict[str, Any]]], None]
 
 ON_NONFINITE = ("stop", "skip")
 # Metrics that are not loss terms: never named as the term that went non-finite.
@@ -78,7 +79,7 @@ def fit(
     name: str = "train",
     on_epoch_end: EpochCallback | None = None,
     checkpoints: TrainCheckpoints | None = None,
-    on_resume: ResumeCallback | None = None,
+    on_start: StartCallback | None = None,
     on_nonfinite: str = "stop",
 ) -> FitResult:
     """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``.
@@ -109,8 +110,10 @@ def fit(
         restored = checkpoints.restore_latest(state, sums)
         if restored is not None:
             state, sums, progress = restored
-            if on_resume is not None:
-                on_resume(progress.history)
+        else:
+            logger.info("%s: no checkpoint in %s, starting at step 0.", name, checkpoints.directory)
+    if on_start is not None:
+        on_start(progress.history)
 
     def save() -> None:
         if checkpoints is not None:
@@ -131,45 +134,54 @@ def fit(
         if on_nonfinite == "stop":
             _check_finite(pending, sums, name, members, checkpoints)
 
-    while progress.step < total_steps:
-        epoch, offset = divmod(progress.step, steps_per_epoch)
-        if offset == 0:
-            sums = zero_sums()
-        batches = train_split.train_batches(batch_size, seed=seed, epoch=epoch, start=offset)
-        for batch in batches:
-            state, metrics = step_fn(state, batch)
-            sums = _accumulate(sums, metrics)
-            progress.step += 1
-            if on_nonfinite == "stop":
-                pending.append((progress.step, metrics))
-                if len(pending) >= _CHECK_EVERY:
+    with preemption.training():
+        while progress.step < total_steps:
+            epoch, offset = divmod(progress.step, steps_per_epoch)
+            if offset == 0:
+                sums = zero_sums()
+            batches = train_split.train_batches(batch_size, seed=seed, epoch=epoch, start=offset)
+            for batch in batches:
+                state, metrics = step_fn(state, batch)
+                sums = _accumulate(sums, metrics)
+                progress.step += 1
+                if on_nonfinite == "stop":
+                    pending.append((progress.step, metrics))
+                    if len(pending) >= _CHECK_EVERY:
+                        check_finite()
+                if steady_start is None:
+                    jax.block_until_ready(state)
+                    steady_start = time.perf_counter()
+                else:
+                    progress.steady_examples += batch_size * members
+                if progress.step % steps_per_epoch == 0:
+                    break  # the epoch's last step: saved below, with the epoch's record
+                interrupted = preemption.requested() is not None
+                if interrupted or (checkpoints is not None and checkpoints.due(progress.step)):
                     check_finite()
-            if steady_start is None:
-                jax.block_until_ready(state)
-                steady_start = time.perf_counter()
-            else:
-                progress.steady_examples += batch_size * members
-            if progress.step % steps_per_epoch == 0:
-                break  # the epoch's last step: saved below, with the epoch's record
+                    save()
+                if interrupted:
+                    raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
+            check_finite()
+            record = _epoch_record(jax.device_get(sums), steps_per_epoch, on_nonfinite)
+            record["epoch"] = epoch + 1
+            progress.history.append(record)
+            if np.any(record.get("nonfinite_steps", 0)):
+                logger.warning(
+                    "%s epoch %d: skipped %s of %d steps whose loss or gradient was not finite.",
+                    name,
+                    epoch + 1,
+                    record["nonfinite_steps"],
+                    steps_per_epoch,
+                )
             interrupted = preemption.requested() is not None
-            if interrupted or (checkpoints is not None and checkpoints.due(progress.step)):
-                check_finite()
+            last = progress.step == total_steps
+            if checkpoints is not None and (interrupted or last or checkpoints.due(progress.step)):
                 save()
+            _log_epoch(name, epoch + 1, epochs, record)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
             if interrupted:
                 raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
-        check_finite()
-        record = _epoch_record(jax.device_get(sums), steps_per_epoch, on_nonfinite)
-        record["epoch"] = epoch + 1
-        progress.history.append(record)
-        interrupted = preemption.requested() is not None
-        last = progress.step == total_steps
-        if checkpoints is not None and (interrupted or last or checkpoints.due(progress.step)):
-            save()
-        _log_epoch(name, epoch + 1, epochs, record)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-        if interrupted:
-            raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
     jax.block_until_ready(state)
     end = time.perf_counter()
     steady = steady_before + (end - steady_start if steady_start is not None else 0.0)
@@ -184,12 +196,14 @@ def fit(
 def _epoch_record(sums: dict[str, Any], steps: int, on_nonfinite: str) -> dict[str, Any]:
     """Mean metrics of an epoch over its applied steps; with ``skip``, their count too."""
     skipped = np.asarray(sums["nonfinite"], dtype=np.float64)
-    applied = np.maximum(steps - skipped, 1.0)
-    record = {
-        k: _as_python(np.asarray(v, dtype=np.float64) / applied)
-        for k, v in sums.items()
-        if k != "nonfinite"
-    }
+    applied = steps - skipped
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # An epoch whose every step was skipped has no mean: NaN, not a plausible-looking 0.
+        record = {
+            k: _as_python(np.where(applied > 0, np.asarray(v, np.float64) / applied, np.nan))
+            for k, v in sums.items()
+            if k != "nonfinite"
+        }
     if on_nonfinite == "skip":
         record["nonfinite_steps"] = _as_python(skipped.astype(np.int64))
     return record
@@ -230,8 +244,9 @@ def _check_finite(
     who = f" (population member {member} of {members})" if members > 1 else ""
     raise NonFiniteError(
         f"{name}: non-finite {what} at step {step}{who}: {shown}. The step was not applied. "
-        f"{_last_checkpoint(checkpoints)} Lower the learning rate (or add warm-up), or set "
-        "on_nonfinite=skip to leave such steps out and count them."
+        f"{_last_checkpoint(checkpoints)} Lower the learning rate (or add warm-up) and rerun "
+        "with --overwrite (or in another --workdir), or set on_nonfinite=skip to resume "
+        "leaving such steps out and counting them."
     )
 
 

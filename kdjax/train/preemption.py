@@ -1,10 +1,10 @@
 """Stopping cleanly on SIGTERM / SIGINT: checkpoint at the next step boundary, then exit.
 
 Schedulers (SLURM, Kubernetes, Cloud TPU maintenance) send SIGTERM some time before they kill a
-job; a user presses Ctrl-C. Inside :func:`stop_on_signals`, the first such signal only sets a
-flag: the training loop sees it after the step in flight, saves a checkpoint and raises
-:class:`~kdjax.errors.Interrupted`. A second signal ends the process at once, as the signal
-would have without kdjax.
+job; a user presses Ctrl-C. Inside :func:`stop_on_signals`, a first such signal during training
+only sets a flag: the training loop sees it after the step in flight, saves a checkpoint and
+raises :class:`~kdjax.errors.Interrupted`. A second signal, or one outside training, ends the
+process at once, as the signal would have without kdjax.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested: list[int] = []  # the signals received since the handler was installed
+_training = [0]  # how many training loops are running (and will see the request)
 
 
 def requested() -> int | None:
@@ -29,8 +30,10 @@ def requested() -> int | None:
 
 def _handle(signum: int, frame: object) -> None:
     del frame
-    if _requested:
-        # Second signal: the user (or scheduler) will not wait for the checkpoint.
+    if _requested or not _training[0]:
+        # A second signal (the user or scheduler will not wait for the checkpoint), or one
+        # outside training (loading data, evaluating, writing results atomically), where there
+        # is no step boundary to stop at and nothing half-written to lose.
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
@@ -40,6 +43,16 @@ def _handle(signum: int, frame: object) -> None:
         "stop at once, without a checkpoint).",
         signal.Signals(signum).name,
     )
+
+
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """Marks a training loop, which checks :func:`requested` at every step boundary."""
+    _training[0] += 1
+    try:
+        yield
+    finally:
+        _training[0] -= 1
 
 
 @contextlib.contextmanager

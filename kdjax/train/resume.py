@@ -169,12 +169,15 @@ class TrainCheckpoints:
 
     def _fix_hint(self, step: int) -> str:
         older = [s for s in self._step_dirs() if s < step]
-        previous = (
-            f"delete {os.path.join(self.directory, str(step))} to resume from step {max(older)}"
-            if older
-            else "no older checkpoint is left"
+        if older:
+            return (
+                f"Fix: delete {os.path.join(self.directory, str(step))} to resume from step "
+                f"{max(older)}, or pass --overwrite to start this run again from scratch."
+            )
+        return (
+            "No older checkpoint is left: pass --overwrite to start this run again from "
+            "scratch (or restore the file from a backup)."
         )
-        return f"Fix: {previous}, or pass --overwrite to start this run again from scratch."
 
     # --- save and restore ------------------------------------------------------------------
 
