@@ -33,6 +33,11 @@ from kdjax.train.optim import OPTIMIZERS, SCHEDULES
 ROLES = ("teacher", "student")
 
 
+def roles_of(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The trained roles of a config: teacher and student, and a TAKD ``assistant`` if set."""
+    return (*ROLES, "assistant") if config.get("assistant") else ROLES
+
+
 def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
     """SGD with momentum and a cosine schedule unless overridden."""
     defaults = dict(
@@ -54,6 +59,7 @@ def stage_config(
     epochs: int,
     batch_size: int,
     max_shift: int = 0,
+    crop_flip_pad: int = 0,
     **optimizer: Any,
 ) -> ml_collections.ConfigDict:
     """One model's training: its architecture, epochs, batch size, augmentation and optimizer."""
@@ -63,6 +69,8 @@ def stage_config(
             epochs=epochs,
             batch_size=batch_size,
             max_shift=max_shift,  # jitter: translate each image by up to this many pixels
+            # > 0: CIFAR's augmentation, pad by this many pixels, random crop, random flip
+            crop_flip_pad=crop_flip_pad,
             optimizer=optimizer_config(**optimizer),
         )
     )
@@ -73,7 +81,7 @@ def dataset_config(
 ) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            name=name,  # digits | mnist | fashion_mnist
+            name=name,  # digits | mnist | fashion_mnist | cifar10 | cifar100
             raw_dir=raw_dir,  # folder of the original raw files; empty: TFDS downloads
             tfds_data_dir=tfds_data_dir,  # where TFDS keeps prepared data; empty: its default
             # > 0: hold out this many training examples (a fixed choice) for validation
@@ -194,7 +202,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
         _non_negative_int(config, "seed")
     if "validation_examples" in config["dataset"]:
         _non_negative_int(config, "dataset.validation_examples")
-    for role in ROLES:
+    for role in roles_of(config):
         # Building a module only checks its name and fields; nothing is initialised.
         model_config = _require(config, f"{role}.model")
         build_model(
@@ -207,8 +215,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
             _require(config, f"{role}.optimizer.schedule"), field=f"{role}.optimizer.schedule"
         )
         _check_optimizer(config, f"{role}.optimizer")
-        if "max_shift" in config[role]:
-            _non_negative_int(config, f"{role}.max_shift")
+        for augmentation in ("max_shift", "crop_flip_pad"):
+            if augmentation in config[role]:
+                _non_negative_int(config, f"{role}.{augmentation}")
     classes = {r: config[r]["model"].get("num_classes") for r in ROLES}
     if None not in classes.values() and classes["teacher"] != classes["student"]:
         raise ConfigError(
@@ -216,8 +225,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
             f"{classes['student']}: distillation needs the same classes. Make them equal, or "
             "remove both (they are taken from the dataset)."
         )
-    check_temperature(_number(config, "student.temperature"), "student.temperature")
-    alpha = _number(config, "student.alpha")
+    if "temperature" in config["student"]:  # the zoo's students name a distiller instead
+        check_temperature(_number(config, "student.temperature"), "student.temperature")
+    alpha = _number(config, "student.alpha") if "alpha" in config["student"] else 0.0
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(
             f"student.alpha={alpha} must be in [0, 1]: it is the weight of the teacher's soft "
@@ -234,7 +244,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
 
 def check_config_fits_data(config: Mapping[str, Any], dataset: Dataset) -> None:
     """Checks the config against the loaded dataset (classes, training-set size)."""
-    for role in ROLES:
+    for role in roles_of(config):
         build_model(config[role]["model"], num_classes=dataset.num_classes, field=f"{role}.model")
         batch_size = config[role]["batch_size"]
         if batch_size > len(dataset.train):

@@ -48,6 +48,7 @@ from kdjax.train import (
     train_step,
 )
 from kdjax.train.resume import TrainCheckpoints
+from kdjax.train.steps import augment_options
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +138,18 @@ class _Run:
             self.train.steps_per_epoch(stage_config["batch_size"]) * stage_config["epochs"]
         )
         tx = make_optimizer(
-            stage_config["optimizer"], total_steps=total_steps, field=f"{role}.optimizer"
+            stage_config["optimizer"],
+            total_steps=total_steps,
+            field=f"{role}.optimizer",
+            steps_per_epoch=self.train.steps_per_epoch(stage_config["batch_size"]),
         )
         progress = training_checkpoints(self.config, os.path.join(directory, "progress"))
         result = fit(
             create_train_state(model, variables, tx, dropout_key),
             self.train,
-            functools.partial(step_fn, max_shift=stage_config.get("max_shift", 0)),
+            functools.partial(
+                step_fn, **augment_options(stage_config, self.dataset.padding_value)
+            ),
             epochs=stage_config["epochs"],
             batch_size=stage_config["batch_size"],
             seed=self.config["seed"],

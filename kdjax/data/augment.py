@@ -27,3 +27,33 @@ def random_translate(images: jax.Array, key: jax.Array, max_shift: int) -> jax.A
         return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
 
     return jax.vmap(crop)(padded, offsets)
+
+
+def random_crop_flip(
+    images: jax.Array, key: jax.Array, *, pad: int = 4, fill: tuple[float, ...] | float = 0.0
+) -> jax.Array:
+    """The standard CIFAR augmentation: pads each image by ``pad`` pixels on every side with
+    ``fill``, crops it back to its size at its own uniformly random offset in ``[0, 2 * pad]``
+    along height and width, then mirrors it left-right with probability 1/2.
+
+    Args:
+      images: ``[batch, height, width, channels]``.
+      key: a PRNG key; the offsets and flips are a pure function of it.
+      pad: a Python int (it fixes the padded shape, so it is static under jit).
+      fill: the border's value, one per channel or one for all; for normalised images, a
+        black pixel's value after normalisation (``Dataset.padding_value``).
+    """
+    batch, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
+    # jnp.pad fills with one value for all channels; a per-channel border needs this instead.
+    border = jnp.broadcast_to(jnp.asarray(fill, images.dtype), (channels,))
+    padded = jnp.broadcast_to(border, (batch, height + 2 * pad, width + 2 * pad, channels))
+    padded = padded.at[:, pad : pad + height, pad : pad + width].set(images)
+
+    def crop_flip(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
+        window = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+        return jnp.where(flip, window[:, ::-1], window)
+
+    return jax.vmap(crop_flip)(padded, offsets, flips)

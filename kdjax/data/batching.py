@@ -25,6 +25,7 @@ class Batch(TypedDict):
     image: jax.Array  # [batch, height, width, channels] float32
     label: jax.Array  # [batch] int32
     mask: jax.Array  # [batch] bool; false rows are padding and count for nothing
+    index: jax.Array  # [batch] int32: each example's position in its split (CRD's memory bank)
     teacher_logits: NotRequired[jax.Array]  # [batch, classes], when the split carries them
 
 
@@ -37,7 +38,7 @@ def _gather(
     mask: jax.Array,
 ) -> Batch:
     mask = jnp.broadcast_to(mask, index.shape)
-    batch = Batch(image=images[index], label=labels[index], mask=mask)
+    batch = Batch(image=images[index], label=labels[index], mask=mask, index=index)
     if teacher_logits is not None:
         if index.ndim == 2 and teacher_logits.ndim == 3:  # each member its own teacher
             batch["teacher_logits"] = jax.vmap(lambda t, i: t[i])(teacher_logits, index)

@@ -62,6 +62,10 @@ class Dataset:
     test: Split
     num_classes: int
     validation: Split | None = None  # carved from the training data when the config asks
+    # The per-channel value a zero (black) raw pixel has after the dataset's normalisation:
+    # what augmentation pads with, so that normalising before augmenting equals padding the
+    # raw pixels with 0. None means 0 (images left in [0, 1]).
+    padding_value: tuple[float, ...] | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -122,4 +126,4 @@ def images_to_float(images: np.ndarray, max_value: float) -> np.ndarray:
 
 
 # Registering the built-in loaders is a side effect of importing their modules.
-from kdjax.data import digits, tfds_source  # noqa: E402, F401
+from kdjax.data import cifar, digits, tfds_source  # noqa: E402, F401

@@ -79,11 +79,18 @@ def check_raw_files_match(builder: Any, raw_dir: str, dataset_name: str) -> None
 
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
+# How to do without a download, for the datasets whose raw files are IDX files.
+IDX_OFFLINE_FIX = (
+    f"set dataset.raw_dir to a folder of the original IDX .gz files ({', '.join(RAW_FILES)})"
+)
 
-def check_download_possible(builder: Any, dataset_name: str) -> None:
+
+def check_download_possible(
+    builder: Any, dataset_name: str, *, offline_fix: str = IDX_OFFLINE_FIX
+) -> None:
     """Fails at once, rather than after minutes of TFDS's retries, when the download hosts'
     names cannot even be resolved (no network). Behind a proxy the proxy resolves them, so
-    nothing is checked."""
+    nothing is checked. ``offline_fix`` says how to do without the network."""
     if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
         return
     hosts = {urllib.parse.urlparse(url).hostname for url in (builder.url_infos or {})}
@@ -93,8 +100,7 @@ def check_download_possible(builder: Any, dataset_name: str) -> None:
         except OSError as err:
             raise DataError(
                 f"TFDS would download {dataset_name} from {host}, which cannot be reached from "
-                f"here ({err}). Without network access, set dataset.raw_dir to a folder of "
-                f"the original IDX .gz files ({', '.join(RAW_FILES)})."
+                f"here ({err}). Without network access, {offline_fix}."
             ) from err
 
 
@@ -109,8 +115,11 @@ def _import_tfds():
     return tfds
 
 
-def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
-    """Prepares (once) and reads a TFDS image-classification dataset into numpy arrays."""
+def load_tfds_images(
+    name: str, dataset_config: Mapping[str, Any], *, offline_fix: str = IDX_OFFLINE_FIX
+) -> Dataset:
+    """Prepares (once) and reads a TFDS image-classification dataset into numpy arrays, images
+    scaled to [0, 1]. ``offline_fix`` says how to do without the network."""
     raw_dir = dataset_config.get("raw_dir") or None
     data_dir = dataset_config.get("tfds_data_dir") or None
     if raw_dir is not None:
@@ -122,7 +131,7 @@ def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
     if raw_dir is not None:
         check_raw_files_match(builder, raw_dir, name)
     elif not builder.is_prepared():
-        check_download_possible(builder, name)
+        check_download_possible(builder, name, offline_fix=offline_fix)
     if raw_dir is not None:
         download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
         source = f"the raw files in {raw_dir}"
@@ -141,8 +150,7 @@ def load_tfds_images(name: str, dataset_config: Mapping[str, Any]) -> Dataset:
         hint = (
             "check that they are the original, unmodified files"
             if raw_dir
-            else "without network access, set dataset.raw_dir to a folder of the original "
-            "IDX .gz files"
+            else f"without network access, {offline_fix}"
         )
         raise DataError(
             f"TFDS could not prepare {name!r} from {source}: {err}. Fix: {hint}."

@@ -60,6 +60,7 @@ from kdjax.train.population import (
 )
 from kdjax.train.resume import TrainCheckpoints
 from kdjax.train.state import FrozenModel
+from kdjax.train.steps import augment_options
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,9 @@ class Reproduction:
                 saved["wall_time_s"],
                 saved["examples_per_s"],
             )
-        step = _with_shift(population_train_step, self.config["teacher"])
+        step = _with_shift(
+            population_train_step, self.config["teacher"], self.dataset.padding_value
+        )
         teachers = self._fit(
             "teacher", "teacher", model, self.train, self.seeds, self.teacher_keys, step
         )
@@ -191,7 +194,9 @@ class Reproduction:
 
     def scratch_students(self) -> Population:
         model = self._model("student")
-        step = _with_shift(population_train_step, self.config["student"])
+        step = _with_shift(
+            population_train_step, self.config["student"], self.dataset.padding_value
+        )
         return self._fit(
             "student_scratch", "student", model, self.train, self.seeds, self.student_keys, step
         )
@@ -239,9 +244,9 @@ def _saved_metadata(directory: str) -> dict[str, Any] | None:
     return checkpoint.read_metadata(directory)
 
 
-def _with_shift(population_step, stage: Mapping[str, Any]):
-    max_shift = int(stage.get("max_shift", 0))
-    return lambda states, batch: population_step(states, batch, max_shift=max_shift)
+def _with_shift(population_step, stage: Mapping[str, Any], padding_value=None):
+    options = augment_options(stage, padding_value)
+    return lambda states, batch: population_step(states, batch, **options)
 
 
 def _row(name: str, values: Sequence[float], population: Population | None, **extra) -> dict:

@@ -17,20 +17,33 @@ SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("learning-rate sch
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
 
 
+# A schedule maker takes (peak, decaying steps, the optimizer config, steps per epoch).
 @SCHEDULES.register("constant")
-def _constant(peak: float, total_steps: int) -> optax.Schedule:
-    del total_steps
+def _constant(peak: float, total_steps: int, cfg: Mapping[str, Any], steps_per_epoch: int | None):
     return optax.constant_schedule(peak)
 
 
 @SCHEDULES.register("cosine")
-def _cosine(peak: float, total_steps: int) -> optax.Schedule:
+def _cosine(peak: float, total_steps: int, cfg: Mapping[str, Any], steps_per_epoch: int | None):
     return optax.cosine_decay_schedule(peak, decay_steps=max(total_steps, 1))
 
 
 @SCHEDULES.register("linear")
-def _linear(peak: float, total_steps: int) -> optax.Schedule:
+def _linear(peak: float, total_steps: int, cfg: Mapping[str, Any], steps_per_epoch: int | None):
     return optax.linear_schedule(peak, 0.0, transition_steps=max(total_steps, 1))
+
+
+@SCHEDULES.register("multistep")
+def _multistep(peak: float, total_steps: int, cfg: Mapping[str, Any], steps_per_epoch: int | None):
+    """``peak`` times ``decay_factor`` at each epoch of ``decay_epochs`` (the CIFAR recipes'
+    "divided by 10 at epochs 150, 180 and 210"); counted after any warm-up."""
+    if steps_per_epoch is None:
+        raise ConfigError("schedule=multistep needs epochs: this runner does not give them.")
+    epochs = list(cfg.get("decay_epochs", ()))
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in epochs):
+        raise ConfigError(f"decay_epochs={epochs} must be whole epochs >= 1.")
+    factor = float(cfg.get("decay_factor", 0.1))
+    return optax.piecewise_constant_schedule(peak, {e * steps_per_epoch: factor for e in epochs})
 
 
 @OPTIMIZERS.register("sgd")
@@ -83,18 +96,28 @@ def max_norm_projection(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    cfg: Mapping[str, Any], *, total_steps: int, field: str
+    cfg: Mapping[str, Any],
+    *,
+    total_steps: int,
+    field: str,
+    steps_per_epoch: int | None = None,
 ) -> optax.GradientTransformation:
     """Builds ``cfg["name"]`` with a ``cfg["schedule"]`` learning rate peaking at
     ``cfg["learning_rate"]``, after ``cfg["warmup_steps"]`` steps of linear warm-up; a
-    positive ``cfg["max_norm"]`` adds :func:`max_norm_projection`."""
+    positive ``cfg["max_norm"]`` adds :func:`max_norm_projection`.
+
+    ``schedule = "multistep"`` multiplies the rate by ``cfg["decay_factor"]`` at each epoch in
+    ``cfg["decay_epochs"]`` (it needs ``steps_per_epoch``)."""
     schedule_fn = SCHEDULES.get(cfg.get("schedule", "constant"), field=f"{field}.schedule")
     optimizer_fn = OPTIMIZERS.get(cfg["name"], field=f"{field}.name")
     peak = float(cfg["learning_rate"])
     warmup = int(cfg.get("warmup_steps", 0))
     if warmup < 0:
         raise ConfigError(f"{field}.warmup_steps={warmup} must be >= 0.")
-    lr = schedule_fn(peak, max(total_steps - warmup, 1))
+    try:
+        lr = schedule_fn(peak, max(total_steps - warmup, 1), cfg, steps_per_epoch)
+    except ConfigError as err:
+        raise ConfigError(f"{field}.{err}") from err
     if warmup:
         lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), lr], [warmup])
     tx = optimizer_fn(lr, cfg)

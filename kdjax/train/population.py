@@ -28,7 +28,13 @@ from kdjax.data.batching import Batch, DeviceSplit
 from kdjax.train.loop import FitResult, fit
 from kdjax.train.optim import make_optimizer
 from kdjax.train.state import FrozenModel, TrainState, create_train_state
-from kdjax.train.steps import Metrics, distill_from_logits_step, distill_step, train_step
+from kdjax.train.steps import (
+    CropFlip,
+    Metrics,
+    distill_from_logits_step,
+    distill_step,
+    train_step,
+)
 
 Tree = TypeVar("Tree")
 
@@ -81,15 +87,16 @@ def select_members(tree: Tree, index: Sequence[int]) -> Tree:
     return jax.tree_util.tree_map(lambda x: x[index], tree)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
 def population_train_step(
-    states: TrainState, batches: Batch, *, max_shift: int = 0
+    states: TrainState, batches: Batch, *, max_shift: int = 0, crop_flip: CropFlip = None
 ) -> tuple[TrainState, Metrics]:
     """:func:`~kdjax.train.steps.train_step` for every member at once."""
-    return jax.vmap(functools.partial(train_step, max_shift=max_shift))(states, batches)
+    step = functools.partial(train_step, max_shift=max_shift, crop_flip=crop_flip)
+    return jax.vmap(step)(states, batches)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
 def population_distill_step(
     states: TrainState,
     batches: Batch,
@@ -98,10 +105,11 @@ def population_distill_step(
     alphas: jax.Array,
     *,
     max_shift: int = 0,
+    crop_flip: CropFlip = None,
 ) -> tuple[TrainState, Metrics]:
     """:func:`~kdjax.train.steps.distill_step`, each member against its own teacher (a
     population of the same length) with its own temperature and alpha (``[members]``)."""
-    step = functools.partial(distill_step, max_shift=max_shift)
+    step = functools.partial(distill_step, max_shift=max_shift, crop_flip=crop_flip)
     return jax.vmap(step)(states, batches, teachers, temperatures, alphas)
 
 
@@ -153,7 +161,12 @@ def fit_population(
     ``fit_options`` go to :func:`~kdjax.train.loop.fit` (callbacks, checkpoints, on_nonfinite).
     """
     total_steps = split.steps_per_epoch(stage["batch_size"]) * stage["epochs"]
-    tx = make_optimizer(stage["optimizer"], total_steps=total_steps, field=f"{field}.optimizer")
+    tx = make_optimizer(
+        stage["optimizer"],
+        total_steps=total_steps,
+        field=f"{field}.optimizer",
+        steps_per_epoch=split.steps_per_epoch(stage["batch_size"]),
+    )
     states = init_population(model, tx, keys, split_example(split))
     return fit(
         states,

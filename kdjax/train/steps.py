@@ -12,7 +12,7 @@ gradient is not finite leaves the state as it was (only ``step`` advances) and r
 ``nonfinite = 1``; the loop then stops or counts it (:mod:`kdjax.train.loop`).
 
 ``max_shift`` (static) jitters the training images by up to that many pixels, drawn from the
-step's key. All training steps are vmapped unchanged into :mod:`kdjax.train.population`.
+step's key; ``crop_flip`` (static ``(pad, fill)``) applies CIFAR's pad-crop-flip. All training steps are vmapped unchanged into :mod:`kdjax.train.population`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax.data.augment import random_translate
+from kdjax.data.augment import random_crop_flip, random_translate
 from kdjax.data.batching import Batch
 from kdjax.losses import cross_entropy, soft_kl
 from kdjax.losses.classification import masked_mean, mix_hard_soft
@@ -51,8 +51,32 @@ def _step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
     return dropout_key, jax.random.fold_in(dropout_key, _JITTER_STREAM)
 
 
-def _training_images(state: TrainState, batch: Batch, max_shift: int) -> jax.Array:
-    return random_translate(batch["image"], _step_keys(state)[1], max_shift)
+# CIFAR's crop-and-flip: (pad, per-channel fill of the padding), static; None for none.
+CropFlip = tuple[int, tuple[float, ...]] | None
+
+
+def augment_options(
+    stage: Any, padding_value: tuple[float, ...] | None = None
+) -> dict[str, Any]:
+    """The static augmentation arguments of a stage config: ``max_shift`` (jitter, pixels) and,
+    for ``crop_flip_pad > 0``, ``crop_flip`` with the dataset's ``padding_value`` (a black
+    pixel after its normalisation) as the fill."""
+    pad = int(stage.get("crop_flip_pad", 0))
+    fill = tuple(float(v) for v in padding_value) if padding_value is not None else (0.0,)
+    return {
+        "max_shift": int(stage.get("max_shift", 0)),
+        "crop_flip": (pad, fill) if pad > 0 else None,
+    }
+
+
+def _training_images(
+    state: TrainState, batch: Batch, max_shift: int, crop_flip: CropFlip = None
+) -> jax.Array:
+    images = random_translate(batch["image"], _step_keys(state)[1], max_shift)
+    if crop_flip is not None:
+        pad, fill = crop_flip
+        images = random_crop_flip(images, _step_keys(state)[1], pad=pad, fill=fill)
+    return images
 
 
 def _apply_loss(
@@ -74,25 +98,35 @@ def _apply_loss(
         return loss, (updates.get("batch_stats", state.batch_stats), metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return guarded_update(state, grads, metrics, batch_stats=batch_stats)
+
+
+def guarded_update(
+    state: TrainState, grads: Any, metrics: Metrics, **replacements: Any
+) -> tuple[TrainState, Metrics]:
+    """Applies ``grads`` (and replaces the fields in ``replacements``, e.g. ``batch_stats``)
+    unless the step's loss or gradient is not finite; adds ``grad_norm`` and ``nonfinite``.
+
+    A step whose loss or gradient is NaN/Inf is not applied: the parameters, optimizer state
+    and other fields stay as they were, only ``step`` advances. ``lax.cond`` (not a select over
+    every array) keeps the usual update in place; under vmap it becomes a per-member select.
+    ``nonfinite`` (0 or 1) tells the loop, which stops or counts.
+    """
     metrics["grad_norm"] = optax.global_norm(grads)
-    # A step whose loss or gradient is NaN/Inf is not applied: the parameters, optimizer state
-    # and batch statistics stay as they were, only ``step`` advances. ``lax.cond`` (not a
-    # select over every array) keeps the usual update in place; under vmap it becomes a
-    # per-member select. ``nonfinite`` (0 or 1) tells the loop, which stops or counts.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     state = jax.lax.cond(
         finite,
-        lambda s: s.apply_gradients(grads=grads, batch_stats=batch_stats),
+        lambda s: s.apply_gradients(grads=grads, **replacements),
         lambda s: s.replace(step=s.step + 1),
         state,
     )
     return state, metrics
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
 def train_step(
-    state: TrainState, batch: Batch, *, max_shift: int = 0
+    state: TrainState, batch: Batch, *, max_shift: int = 0, crop_flip: CropFlip = None
 ) -> tuple[TrainState, Metrics]:
     """Minimises the hard-label cross-entropy."""
 
@@ -100,10 +134,11 @@ def train_step(
         loss = cross_entropy(logits, batch["label"], batch["mask"])
         return loss, {"loss": loss}
 
-    return _apply_loss(state, _training_images(state, batch, max_shift), batch, logits_loss)
+    images = _training_images(state, batch, max_shift, crop_flip)
+    return _apply_loss(state, images, batch, logits_loss)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="max_shift")
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
 def distill_step(
     state: TrainState,
     batch: Batch,
@@ -112,13 +147,14 @@ def distill_step(
     alpha: jax.Array,
     *,
     max_shift: int = 0,
+    crop_flip: CropFlip = None,
 ) -> tuple[TrainState, Metrics]:
     """Minimises ``(1 - alpha) * cross_entropy + alpha * soft_kl(T)`` against ``teacher``.
 
     ``temperature`` and ``alpha`` are traced, so changing them does not recompile. With
-    ``max_shift`` the teacher sees the same jittered images as the student.
+    ``max_shift`` or ``crop_flip`` the teacher sees the same augmented images as the student.
     """
-    images = _training_images(state, batch, max_shift)
+    images = _training_images(state, batch, max_shift, crop_flip)
     teacher_logits = teacher(images)[0]
     return _distill(state, images, batch, teacher_logits, temperature, alpha)
 
