@@ -77,7 +77,11 @@ def stage_config(
 
 
 def dataset_config(
-    name: str, raw_dir: str = "", tfds_data_dir: str = "", validation_examples: int = 0
+    name: str,
+    raw_dir: str = "",
+    tfds_data_dir: str = "",
+    validation_examples: int = 0,
+    train_examples: int = 0,
 ) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
@@ -86,6 +90,8 @@ def dataset_config(
             tfds_data_dir=tfds_data_dir,  # where TFDS keeps prepared data; empty: its default
             # > 0: hold out this many training examples (a fixed choice) for validation
             validation_examples=validation_examples,
+            # > 0: train on a fixed class-balanced subset of this many (after validation)
+            train_examples=train_examples,
         )
     )
 
@@ -200,8 +206,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
         check_seeds(config)
     else:
         _non_negative_int(config, "seed")
-    if "validation_examples" in config["dataset"]:
-        _non_negative_int(config, "dataset.validation_examples")
+    for field in ("validation_examples", "train_examples"):
+        if field in config["dataset"]:
+            _non_negative_int(config, f"dataset.{field}")
     for role in roles_of(config):
         # Building a module only checks its name and fields; nothing is initialised.
         model_config = _require(config, f"{role}.model")

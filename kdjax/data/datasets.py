@@ -85,7 +85,33 @@ def load_dataset(dataset_config: Mapping[str, Any]) -> Dataset:
     if num_validation:
         train, validation = split_off_validation(dataset.train, num_validation)
         dataset = dataclasses.replace(dataset, train=train, validation=validation)
+    num_train = dataset_config.get("train_examples", 0)
+    if num_train:
+        index = balanced_subset(dataset.train.labels, num_train, dataset.num_classes)
+        dataset = dataclasses.replace(dataset, train=dataset.train.take(index))
     return dataset
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``size`` examples, ``size / num_classes`` of each class (the first
+    ``size % num_classes`` classes one more), drawn without replacement by a fixed ``seed``:
+    the same subset for every run and every population member of a config."""
+    if not 0 < size <= len(labels):
+        raise DataError(
+            f"train_examples={size} must be between 1 and the {len(labels)} training examples."
+        )
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in range(num_classes):
+        want = size // num_classes + (cls < size % num_classes)
+        members = np.flatnonzero(labels == cls)
+        if want > len(members):
+            raise DataError(
+                f"train_examples={size} needs {want} examples of class {cls}, which has only "
+                f"{len(members)}: ask for fewer."
+            )
+        chosen.append(rng.choice(members, want, replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 def check_dataset(dataset: Dataset) -> None:
