@@ -147,9 +147,7 @@ class _Run:
         result = fit(
             create_train_state(model, variables, tx, dropout_key),
             self.train,
-            functools.partial(
-                step_fn, **augment_options(stage_config, self.dataset.padding_value)
-            ),
+            functools.partial(step_fn, **augment_options(stage_config, self.dataset.padding_value)),
             epochs=stage_config["epochs"],
             batch_size=stage_config["batch_size"],
             seed=self.config["seed"],

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -71,9 +71,7 @@ class ZooJob(Reproduction):
         logits = self.logits(teachers, self.test)
         probs = jax.nn.softmax(jnp.asarray(logits), -1).mean(0)
         wrong = int(np.sum(np.argmax(np.asarray(probs), -1) != self.dataset.test.labels))
-        return _row(
-            "teacher_ensemble", [wrong], None, params=teachers.params * len(self.seeds)
-        )
+        return _row("teacher_ensemble", [wrong], None, params=teachers.params * len(self.seeds))
 
     def method_students(
         self,
@@ -96,7 +94,9 @@ class ZooJob(Reproduction):
             field=f"{role}.optimizer",
             steps_per_epoch=steps_per_epoch,
         )
-        training_set = TrainingSet(len(self.dataset.train), self.dataset.train.labels, self.num_classes)
+        training_set = TrainingSet(
+            len(self.dataset.train), self.dataset.train.labels, self.num_classes
+        )
         example = np.asarray(self.train.images[:2])
         init = functools.partial(
             init_distill_state,
@@ -178,9 +178,7 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
         # Every student is taught by every teacher: K copies of the population, member k
         # everywhere in the k-th.
         members = len(job.seeds)
-        ensemble = tuple(
-            select_members(teachers.frozen, [k] * members) for k in range(members)
-        )
+        ensemble = tuple(select_members(teachers.frozen, [k] * members) for k in range(members))
         students = timed(
             "ensemble", lambda: job.method_students("ensemble", specs["ensemble_method"], ensemble)
         )
@@ -190,7 +188,10 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
         assistants = timed(
             "assistant",
             lambda: job.method_students(
-                "assistant", specs["takd_method"], (teachers.frozen,), role="assistant",
+                "assistant",
+                specs["takd_method"],
+                (teachers.frozen,),
+                role="assistant",
                 keys=assistant_keys,
             ),
         )
@@ -266,10 +267,14 @@ def _seconds(value: Any) -> str:
 def validate(config: Mapping[str, Any]) -> None:
     validate_config(config)
     if not config.get("methods"):
-        raise ConfigError("methods is empty: name at least one distiller, e.g. {'kd': {'name': 'kd'}}.")
+        raise ConfigError(
+            "methods is empty: name at least one distiller, e.g. {'kd': {'name': 'kd'}}."
+        )
     specs = _methods(config)
     if config.get("assistant") and "takd_method" not in specs:
-        raise ConfigError("assistant is set but takd_method is not: give the distiller of both TAKD stages.")
+        raise ConfigError(
+            "assistant is set but takd_method is not: give the distiller of both TAKD stages."
+        )
 
 
 def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict:

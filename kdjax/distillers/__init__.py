@@ -22,6 +22,8 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
+# Registration is a side effect of importing each method's module.
+from kdjax.distillers import attention, crd, dkd, fitnet, kd, pkt, rkd, sp  # noqa: E402, F401, I001
 from kdjax.distillers.base import (
     DISTILLERS,
     Distiller,
@@ -31,9 +33,6 @@ from kdjax.distillers.base import (
     warmup_ramp,
 )
 from kdjax.errors import ConfigError
-
-# Registration is a side effect of importing each method's module.
-from kdjax.distillers import attention, crd, dkd, fitnet, kd, pkt, rkd, sp  # noqa: E402, F401, I001
 
 _SECTION_FIELDS = ("name", "weights", "warmup_epochs")
 
@@ -48,7 +47,9 @@ class DistillerSpec:
     warmup_epochs: float
 
 
-def build_distiller(section: Mapping[str, Any], *, field: str = "student.distiller") -> DistillerSpec:
+def build_distiller(
+    section: Mapping[str, Any], *, field: str = "student.distiller"
+) -> DistillerSpec:
     """Builds ``{"name": ..., "weights": {...}, "warmup_epochs": ..., **hyperparameters}``.
 
     Omitted weights and warm-up take the method's published defaults; every other entry is a

@@ -73,7 +73,9 @@ class AttentionTransfer(Distiller):
                 f"{self.teacher_features} must name the same number (>= 1) of stages, in pairs"
             )
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         total = jnp.zeros((), jnp.float32)
         for s_name, t_name in zip(self.student_features, self.teacher_features, strict=True):
             student = feature(inputs.student_features, s_name, "student")

@@ -84,7 +84,9 @@ class Distiller:
         del key, student_features, teacher_features, training_set
         return {}, {}
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         """(unweighted loss terms, updated buffers) of one batch."""
         raise NotImplementedError
 

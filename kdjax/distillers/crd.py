@@ -119,7 +119,9 @@ class CRD(Distiller):
         }
         return params, buffers
 
-    def _scores(self, anchor: Array, memory: Array, index: Array, z: Array, n: int) -> tuple[Array, Array]:
+    def _scores(
+        self, anchor: Array, memory: Array, index: Array, z: Array, n: int
+    ) -> tuple[Array, Array]:
         """(scores / Z, Z): ``exp(<anchor, memory[index]> / tau)``, index ``[batch, 1 + K]``."""
         rows = jax.lax.stop_gradient(memory[index])
         scores = jnp.exp(jnp.einsum("bkd,bd->bk", rows, anchor) / self.nce_temperature)
@@ -131,7 +133,9 @@ class CRD(Distiller):
         mixed = jnp.where(mask[:, None], mixed, memory[index])
         return memory.at[index].set(jax.lax.stop_gradient(mixed))
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         head = _Embed(self.embed_dim)
         student = feature(inputs.student_features, self.student_feature, "student")
         teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")

@@ -75,7 +75,9 @@ class DKD(Distiller):
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "tckd": 1.0, "nckd": 8.0}
     default_warmup_epochs: ClassVar[float] = 20.0
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         teacher = ensemble_log_probs(inputs.teacher_logits, self.temperature)
         tckd, nckd = dkd_terms(
             inputs.student_logits, teacher, inputs.labels, self.temperature, inputs.mask

@@ -88,7 +88,9 @@ class FitNet(Distiller):
         variables = self._regressor(teacher).init(key, student)
         return {"regressor": variables["params"]}, {}
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         student = feature(inputs.student_features, self.student_feature, "student")
         teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
         regressed = self._regressor(teacher).apply({"params": params["regressor"]}, student)

@@ -59,6 +59,10 @@ class KD(Distiller):
     term_names: ClassVar[tuple[str, ...]] = ("kd",)
     default_weights: ClassVar[dict[str, float]] = {"ce": 0.1, "kd": 0.9}
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
-        kd = ensemble_soft_kl(inputs.student_logits, inputs.teacher_logits, self.temperature, inputs.mask)
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
+        kd = ensemble_soft_kl(
+            inputs.student_logits, inputs.teacher_logits, self.temperature, inputs.mask
+        )
         return {"kd": kd}, buffers

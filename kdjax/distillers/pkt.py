@@ -50,7 +50,9 @@ class PKT(Distiller):
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "pkt": 30000.0}
     feature_based: ClassVar[bool] = True
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         student = feature(inputs.student_features, self.student_feature, "student")
         teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
         return {"pkt": pkt_loss(student, teacher, inputs.mask)}, buffers

@@ -84,7 +84,9 @@ class RKD(Distiller):
     }
     feature_based: ClassVar[bool] = True
 
-    def terms(self, params: Any, buffers: Any, inputs: DistillInputs, key: Array) -> tuple[Terms, Any]:
+    def terms(
+        self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
+    ) -> tuple[Terms, Any]:
         student = feature(inputs.student_features, self.student_feature, "student")
         teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
         return {

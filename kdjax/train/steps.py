@@ -12,7 +12,8 @@ gradient is not finite leaves the state as it was (only ``step`` advances) and r
 ``nonfinite = 1``; the loop then stops or counts it (:mod:`kdjax.train.loop`).
 
 ``max_shift`` (static) jitters the training images by up to that many pixels, drawn from the
-step's key; ``crop_flip`` (static ``(pad, fill)``) applies CIFAR's pad-crop-flip. All training steps are vmapped unchanged into :mod:`kdjax.train.population`.
+step's key; ``crop_flip`` (static ``(pad, fill)``) applies CIFAR's pad-crop-flip. All
+training steps are vmapped unchanged into :mod:`kdjax.train.population`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,7 @@ def _step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 CropFlip = tuple[int, tuple[float, ...]] | None
 
 
-def augment_options(
-    stage: Any, padding_value: tuple[float, ...] | None = None
-) -> dict[str, Any]:
+def augment_options(stage: Any, padding_value: tuple[float, ...] | None = None) -> dict[str, Any]:
     """The static augmentation arguments of a stage config: ``max_shift`` (jitter, pixels) and,
     for ``crop_flip_pad > 0``, ``crop_flip`` with the dataset's ``padding_value`` (a black
     pixel after its normalisation) as the fill."""
