@@ -200,6 +200,10 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
             "takd", lambda: job.method_students("takd", specs["takd_method"], (assistants.frozen,))
         )
         rows.append(job.errors_row("takd", students))
+    published = dict(config.get("published", None) or {})
+    for row in rows:
+        if row["name"] in published:
+            row["paper_top1_pct"] = float(published[row["name"]])
     results = {
         "name": config.get("name", "zoo"),
         "rule": RULE,
@@ -231,14 +235,16 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
 def zoo_markdown(results: Mapping[str, Any]) -> str:
     test_examples = results["dataset"]["test_examples"]
     scratch = next((r for r in results["rows"] if r["name"] == "student_scratch"), None)
+    with_paper = any("paper_top1_pct" in row for row in results["rows"])
     lines = [
         f"# {results['name']}",
         "",
         results["rule"],
         "",
-        "| row | test errors, mean ± std (per seed) | test accuracy % | vs scratch | params "
-        "| wall time (s) | train examples/s |",
-        "|---|---|---|---|---|---|---|",
+        "| row | test errors, mean ± std (per seed) | test accuracy % "
+        + ("| paper top-1 % " if with_paper else "")
+        + "| vs scratch | params | wall time (s) | train examples/s |",
+        "|---|---|---|---|---|---|---|" + ("---|" if with_paper else ""),
     ]
     for row in results["rows"]:
         mean, std = row["mean"], row["std"]
@@ -247,7 +253,9 @@ def zoo_markdown(results: Mapping[str, Any]) -> str:
         versus = "–" if scratch is None or row is scratch else f"{mean - scratch['mean']:+.1f}"
         speed = row.get("train_examples_per_s")
         lines.append(
-            f"| {row['name']} | {mean:.1f} ± {std:.1f} ({seeds}) | {accuracy:.2f} | {versus} "
+            f"| {row['name']} | {mean:.1f} ± {std:.1f} ({seeds}) | {accuracy:.2f} "
+            + (f"| {row.get('paper_top1_pct', '–')} " if with_paper else "")
+            + f"| {versus} "
             f"| {row.get('params', 0):,} | {_seconds(row.get('wall_time_s'))} "
             f"| {'–' if speed is None else f'{speed:,.0f}'} |"
         )

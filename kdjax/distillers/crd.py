@@ -120,18 +120,23 @@ class CRD(Distiller):
         return params, buffers
 
     def _scores(
-        self, anchor: Array, memory: Array, index: Array, z: Array, n: int
+        self, anchor: Array, memory: Array, index: Array, z: Array, n: int, mask: Array
     ) -> tuple[Array, Array]:
         """(scores / Z, Z): ``exp(<anchor, memory[index]> / tau)``, index ``[batch, 1 + K]``."""
         rows = jax.lax.stop_gradient(memory[index])
         scores = jnp.exp(jnp.einsum("bkd,bd->bk", rows, anchor) / self.nce_temperature)
-        z = jnp.where(z < 0, jax.lax.stop_gradient(jnp.mean(scores)) * n, z)
+        # Z from the valid rows only (all rows if there are none), so padding cannot skew it.
+        valid = jnp.where(jnp.any(mask), mask, True).astype(scores.dtype)
+        mean = jnp.sum(scores * valid[:, None]) / (jnp.sum(valid) * scores.shape[1])
+        z = jnp.where(z < 0, jax.lax.stop_gradient(mean) * n, z)
         return scores / z, z
 
     def _update(self, memory: Array, index: Array, new: Array, mask: Array) -> Array:
         mixed = l2_normalize(memory[index] * self.momentum + new * (1.0 - self.momentum))
-        mixed = jnp.where(mask[:, None], mixed, memory[index])
-        return memory.at[index].set(jax.lax.stop_gradient(mixed))
+        # Padding rows write nothing: their index (out of range) is dropped. Writing back their
+        # old row instead could overwrite a valid row's update that shares the index.
+        index = jnp.where(mask, index, memory.shape[0])
+        return memory.at[index].set(jax.lax.stop_gradient(mixed), mode="drop")
 
     def terms(
         self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
@@ -145,10 +150,14 @@ class CRD(Distiller):
         negatives = sample_other_class(key, inputs.labels, self.negatives, buffers["by_class"])
         index = jnp.concatenate([inputs.index[:, None], negatives], axis=1)
         # The student's anchor is scored against the teacher's memory, and the other way round.
-        scores_s, z_t = self._scores(v_s, buffers["memory_teacher"], index, buffers["z_teacher"], n)
-        scores_t, z_s = self._scores(v_t, buffers["memory_student"], index, buffers["z_student"], n)
-        loss = nce_loss(scores_s, n, inputs.mask) + nce_loss(scores_t, n, inputs.mask)
         mask = inputs.mask.astype(bool)
+        scores_s, z_t = self._scores(
+            v_s, buffers["memory_teacher"], index, buffers["z_teacher"], n, mask
+        )
+        scores_t, z_s = self._scores(
+            v_t, buffers["memory_student"], index, buffers["z_student"], n, mask
+        )
+        loss = nce_loss(scores_s, n, inputs.mask) + nce_loss(scores_t, n, inputs.mask)
         buffers = {
             **buffers,
             "memory_student": self._update(buffers["memory_student"], inputs.index, v_s, mask),

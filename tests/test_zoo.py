@@ -1,0 +1,102 @@
+"""The zoo runner end to end on the embedded digits: teachers, their ensemble, the scratch
+student, methods, the ensemble-taught student and the TAKD chain; and its per-stage resume."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from kdjax import zoo
+from kdjax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _smoke(methods=("crd", "fitnet", "kd")):
+    path = ROOT / "experiments" / "zoo_fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("zoo_fashion_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    config.methods = {name: config.methods[name] for name in methods}
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("zoo") / "run"
+    return zoo.reproduce(_smoke(), str(workdir)), workdir
+
+
+def test_every_row_is_trained_and_reported(finished):
+    results, workdir = finished
+    names = [row["name"] for row in results["rows"]]
+    assert names == [
+        "teacher",
+        "teacher_ensemble",
+        "student_scratch",
+        "crd",  # methods in name order, as the config holds them
+        "fitnet",
+        "kd",
+        "ensemble",
+        "assistant",
+        "takd",
+    ]
+    rows = {row["name"]: row for row in results["rows"]}
+    # 360 test digits; 2 epochs. Chance is 324 errors.
+    assert rows["teacher"]["mean"] <= 15
+    assert rows["teacher_ensemble"]["mean"] <= rows["teacher"]["mean"] + 2
+    for name in ("student_scratch", "kd", "ensemble", "assistant", "takd"):
+        assert rows[name]["mean"] <= 60, rows[name]
+        assert len(rows[name]["per_seed"]) == 2
+    # Students and the scratch student share an architecture; the assistant is larger.
+    assert rows["kd"]["params"] == rows["student_scratch"]["params"] < rows["assistant"]["params"]
+    assert rows["teacher_ensemble"]["params"] == 2 * rows["teacher"]["params"]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["rows"] == results["rows"]
+    assert "| takd |" in (workdir / "results.md").read_text()
+    # Each term is logged raw and weighted, per member.
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    crd = [r for r in records if r["stage"] == "crd"][-1]
+    assert len(crd["crd"]) == 2 and crd["crd_weighted"][0] == pytest.approx(0.8 * crd["crd"][0])
+
+
+def test_feature_methods_cannot_take_an_ensemble():
+    config = _smoke()
+    config.ensemble_method = {"name": "fitnet"}
+    with pytest.raises(ConfigError, match="ensemble has no single set of features"):
+        zoo.validate(config)
+
+
+def test_a_typo_in_a_method_is_named_before_any_work(tmp_path):
+    config = _smoke()
+    config.methods.kd.temprature = 2.0
+    with pytest.raises(ConfigError, match=r"methods\.kd\.temprature.*'temperature'"):
+        zoo.reproduce(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_the_takd_chain_resumes_to_the_same_table(finished, tmp_path, monkeypatch):
+    """Killed while the TAKD student trains: the rerun reuses the teachers and every finished
+    population (no retraining) and ends with the uninterrupted run's numbers."""
+    uninterrupted, _ = finished
+    workdir = str(tmp_path / "run")
+    original = zoo.ZooJob.method_students
+
+    def dies_at_takd(self, name, *args, **kwargs):
+        if name == "takd":
+            raise KeyboardInterrupt
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zoo.ZooJob, "method_students", dies_at_takd)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.reproduce(_smoke(), workdir)
+    monkeypatch.setattr(zoo.ZooJob, "method_students", original)
+    resumed = zoo.reproduce(_smoke(), workdir)
+    for before, after in zip(uninterrupted["rows"], resumed["rows"], strict=True):
+        assert before["name"] == after["name"]
+        assert before["per_seed"] == after["per_seed"], before["name"]
+    # The finished stages were restored, not retrained: far less time than the first run.
+    assert resumed["wall_time_s"] < 0.6 * uninterrupted["wall_time_s"]
