@@ -9,8 +9,11 @@ Rows (``runner = "zoo"``):
 - one row per entry of ``methods`` (``{row name: student.distiller section}``), student ``m``
   taught by teacher ``m``; with ``ensemble_method`` set, one more row taught by the ensemble of
   all teachers (:mod:`kdjax.distillers.kd`: averaged tempered probabilities);
-- with ``assistant`` set, TAKD (Mirzadeh et al., 2020): ``assistant`` distilled from the
-  teacher, then ``takd`` the student distilled from the assistant, each with ``takd_method``.
+- with ``assistant`` set, TAKD (Mirzadeh et al., 2020): a chain of teacher assistants, each
+  distilled from the one before (the first from the teacher), then ``takd`` the student
+  distilled from the last, every link with ``takd_method``. ``assistant`` is the assistants'
+  training recipe and its model the only assistant; ``assistants`` (model configs, largest
+  first) makes a longer chain, every link trained with that recipe.
 
 Every student starts from the scratch student's initialisation and sees its batches, so the
 rows differ only in what teaches them. The reporting rule is Hinton's: the last epoch's model,
@@ -81,11 +84,16 @@ class ZooJob(Reproduction):
         *,
         role: str = "student",
         keys: jax.Array | None = None,
+        model_config: Mapping[str, Any] | None = None,
     ) -> Population:
-        """A population of ``role``'s model distilled with ``spec``: member ``m`` taught by
-        member ``m`` of each of ``teachers`` (each a population)."""
+        """A population of ``role``'s model (or ``model_config``, trained with ``role``'s
+        recipe) distilled with ``spec``: member ``m`` taught by member ``m`` of each of
+        ``teachers`` (each a population)."""
         stage = self.config[role]
-        model = self._model(role)
+        if model_config is None:
+            model = self._model(role)
+        else:
+            model = build_model(model_config, num_classes=self.num_classes, field=f"{role}s")
         keys = self.student_keys if keys is None else keys
         steps_per_epoch = self.train.steps_per_epoch(stage["batch_size"])
         tx = make_optimizer(
@@ -133,6 +141,13 @@ class ZooJob(Reproduction):
         frozen = result.state.frozen()
         params = count_params(jax.tree_util.tree_map(lambda x: x[0], frozen.variables["params"]))
         return Population(frozen, params, result.wall_time_s, result.examples_per_s)
+
+
+def assistant_chain(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The TAKD assistants' model configs, largest first (none without ``assistant``)."""
+    if not config.get("assistant"):
+        return []
+    return [dict(m) for m in config.get("assistants", None) or [config["assistant"]["model"]]]
 
 
 def _methods(config: Mapping[str, Any]) -> dict[str, DistillerSpec]:
@@ -183,21 +198,29 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
             "ensemble", lambda: job.method_students("ensemble", specs["ensemble_method"], ensemble)
         )
         rows.append(job.errors_row("ensemble", students) | {"teachers": members})
-    if config.get("assistant"):
-        assistant_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(job.student_keys)
-        assistants = timed(
-            "assistant",
-            lambda: job.method_students(
-                "assistant",
-                specs["takd_method"],
-                (teachers.frozen,),
-                role="assistant",
-                keys=assistant_keys,
+    chain = assistant_chain(config)
+    teaching = teachers
+    for link, model_config in enumerate(chain, start=1):
+        name = "assistant" if len(chain) == 1 else f"assistant{link}"
+        # Each link's own initialisation, derived from the student's key of the same seed.
+        keys = jax.vmap(lambda k, link=link: jax.random.fold_in(k, link))(job.student_keys)
+        teaching = timed(
+            name,
+            lambda name=name, model_config=model_config, teaching=teaching, keys=keys: (
+                job.method_students(
+                    name,
+                    specs["takd_method"],
+                    (teaching.frozen,),
+                    role="assistant",
+                    keys=keys,
+                    model_config=model_config,
+                )
             ),
         )
-        rows.append(job.errors_row("assistant", assistants))
+        rows.append(job.errors_row(name, teaching))
+    if chain:
         students = timed(
-            "takd", lambda: job.method_students("takd", specs["takd_method"], (assistants.frozen,))
+            "takd", lambda: job.method_students("takd", specs["takd_method"], (teaching.frozen,))
         )
         rows.append(job.errors_row("takd", students))
     published = dict(config.get("published", None) or {})
@@ -279,6 +302,8 @@ def validate(config: Mapping[str, Any]) -> None:
             "methods is empty: name at least one distiller, e.g. {'kd': {'name': 'kd'}}."
         )
     specs = _methods(config)
+    for link, model_config in enumerate(assistant_chain(config)):
+        build_model(model_config, num_classes=1, field=f"assistants[{link}]")
     if config.get("assistant") and "takd_method" not in specs:
         raise ConfigError(
             "assistant is set but takd_method is not: give the distiller of both TAKD stages."
@@ -291,15 +316,16 @@ def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = Fals
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, may_differ=("results_dir",))
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)
-    roles = ["teacher", "student"] + (["assistant"] if config.get("assistant") else [])
-    check_models_fit_data(
-        {
-            f"{role}.model": build_model(
-                config[role]["model"], num_classes=dataset.num_classes, field=f"{role}.model"
-            )
-            for role in roles
-        },
-        dataset,
-    )
+    models = {
+        f"{role}.model": build_model(
+            config[role]["model"], num_classes=dataset.num_classes, field=f"{role}.model"
+        )
+        for role in ("teacher", "student")
+    }
+    for link, model_config in enumerate(assistant_chain(config)):
+        models[f"assistants[{link}]"] = build_model(
+            model_config, num_classes=dataset.num_classes, field=f"assistants[{link}]"
+        )
+    check_models_fit_data(models, dataset)
     workdirs.start(workdir, config, resuming=resuming)
     return run(config, workdir, dataset)

@@ -4,6 +4,8 @@
   files).
 - ``mnist``, ``fashion_mnist``: the official TFDS datasets, downloaded by TFDS or built offline
   from the original IDX ``.gz`` files in ``dataset.raw_dir``.
+- ``cifar10``, ``cifar100``: through TFDS, or from the python-pickle release folders in
+  ``dataset.raw_dir``; normalised per channel (:mod:`kdjax.data.cifar`).
 """
 
 from kdjax.data.batching import Batch, DeviceSplit

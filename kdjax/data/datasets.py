@@ -14,7 +14,8 @@ from kdjax.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split as host arrays: ``images`` float32 ``[n, height, width, channels]`` in [0, 1],
+    """One split as host arrays: ``images`` float32 ``[n, height, width, channels]`` (in [0, 1],
+    or normalised per channel where the dataset says so: CIFAR),
     ``labels`` int32 ``[n]``."""
 
     images: np.ndarray
