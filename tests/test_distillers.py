@@ -736,12 +736,16 @@ def test_combine_terms_ramps_every_teacher_term_but_ce():
 
 
 def test_warmup_ramp():
-    assert float(warmup_ramp(jnp.array(1), 20)) == pytest.approx(1 / 20)
-    assert float(warmup_ramp(jnp.array(10), 20)) == pytest.approx(0.5)
-    assert float(warmup_ramp(jnp.array(20), 20)) == 1.0
-    assert float(warmup_ramp(jnp.array(240), 20)) == 1.0
-    assert float(warmup_ramp(jnp.array(1), 0)) == 1.0
-    assert float(warmup_ramp(jnp.array(0), 0.0)) == 1.0
+    # 20 epochs of 10 steps: linear per step, equal to mdistiller's epoch / 20 at each epoch's
+    # last step, full weight from step 199 on.
+    assert float(warmup_ramp(jnp.array(0), 10, 20)) == pytest.approx(1 / 200)
+    assert float(warmup_ramp(jnp.array(9), 10, 20)) == pytest.approx(1 / 20)
+    assert float(warmup_ramp(jnp.array(99), 10, 20)) == pytest.approx(0.5)
+    assert float(warmup_ramp(jnp.array(199), 10, 20)) == 1.0
+    assert float(warmup_ramp(jnp.array(2399), 10, 20)) == 1.0
+    assert float(warmup_ramp(jnp.array(0), 10, 0)) == 1.0
+    # A warm-up of one epoch still starts near 0.
+    assert float(warmup_ramp(jnp.array(0), 100, 1)) == pytest.approx(0.01)
 
 
 def test_build_distiller_defaults():

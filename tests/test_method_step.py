@@ -229,11 +229,11 @@ def test_dkd_warm_up_ramps_the_teacher_terms_only(digits, cnn_teacher):
         steps_per_epoch=10,
     )
     state = _state(digits, spec, teacher)
-    _, first = step(state, batch)  # epoch 1 of 4: ramp 1/4
-    assert float(first["nckd_weighted"]) == pytest.approx(8.0 / 4 * float(first["nckd"]), rel=1e-5)
-    assert float(first["tckd_weighted"]) == pytest.approx(1.0 / 4 * float(first["tckd"]), rel=1e-5)
+    _, first = step(state, batch)  # step 0 of a 40-step ramp: 1/40
+    assert float(first["nckd_weighted"]) == pytest.approx(8.0 / 40 * float(first["nckd"]), rel=1e-5)
+    assert float(first["tckd_weighted"]) == pytest.approx(1.0 / 40 * float(first["tckd"]), rel=1e-5)
     assert float(first["ce_weighted"]) == pytest.approx(float(first["ce"]), rel=1e-6)
-    later = _state(digits, spec, teacher).replace(step=jnp.int32(45))  # epoch 5: full weight
+    later = _state(digits, spec, teacher).replace(step=jnp.int32(45))  # past the ramp
     _, after = step(later, batch)
     assert float(after["nckd_weighted"]) == pytest.approx(8.0 * float(after["nckd"]), rel=1e-5)
 

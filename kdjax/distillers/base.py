@@ -109,9 +109,15 @@ def combine_terms(terms: Terms, weights: Mapping[str, Array], ramp: Array) -> tu
     return total, weighted
 
 
-def warmup_ramp(epoch: Array, warmup_epochs: float) -> Array:
-    """``min(epoch / warmup_epochs, 1)`` with ``epoch`` counted from 1 (mdistiller's DKD
-    schedule: the first epoch already trains at ``1 / warmup_epochs``); 1 without warm-up."""
+def warmup_ramp(step: Array, steps_per_epoch: int, warmup_epochs: float) -> Array:
+    """``min((step + 1) / (warmup_epochs * steps_per_epoch), 1)``: a linear ramp over the first
+    ``warmup_epochs`` epochs, raised every step (``step`` counted from 0); 1 without warm-up.
+
+    mdistiller raises DKD's weight once per epoch, to ``epoch / 20``: the same line, sampled at
+    each epoch's last step, where the two agree. Per step, a warm-up shorter than a few epochs
+    (a short run's) still starts from almost 0 instead of jumping to full weight.
+    """
     if warmup_epochs <= 0:
         return jnp.ones((), jnp.float32)
-    return jnp.minimum(epoch.astype(jnp.float32) / warmup_epochs, 1.0)
+    steps = jnp.float32(warmup_epochs * steps_per_epoch)
+    return jnp.minimum((step.astype(jnp.float32) + 1.0) / steps, 1.0)

@@ -104,8 +104,7 @@ def _distill_with(
     teacher_logits, teacher_features = _teacher_outputs(teachers, images)
     dropout_key, _ = _step_keys(state)
     distiller_key = jax.random.fold_in(dropout_key, _DISTILLER_STREAM)
-    epoch = state.step // steps_per_epoch + 1
-    ramp = warmup_ramp(epoch, warmup_epochs)
+    ramp = warmup_ramp(state.step, steps_per_epoch, warmup_epochs)
     index = batch.get("index", jnp.arange(batch["label"].shape[0], dtype=jnp.int32))
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Any, Metrics]]:
