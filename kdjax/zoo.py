@@ -302,6 +302,12 @@ def validate(config: Mapping[str, Any]) -> None:
             "methods is empty: name at least one distiller, e.g. {'kd': {'name': 'kd'}}."
         )
     specs = _methods(config)
+    reserved = {"teacher", "teacher_ensemble", "student_scratch", "ensemble", "takd"}
+    for name in config["methods"]:
+        if name in reserved or name.startswith("assistant"):
+            raise ConfigError(
+                f"methods.{name}: {name!r} names one of the table's own rows; call it otherwise."
+            )
     for link, model_config in enumerate(assistant_chain(config)):
         build_model(model_config, num_classes=1, field=f"assistants[{link}]")
     if config.get("assistant") and "takd_method" not in specs:
