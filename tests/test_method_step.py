@@ -18,6 +18,7 @@ from kdjax.train.method_step import (
     population_method_distill_step,
 )
 from kdjax.train.population import init_member, member, member_keys, stack_members
+from kdjax.train.state import FrozenModel
 from tests.test_resume import _assert_bit_identical, _interrupted_then_resumed
 
 BATCH = 64
@@ -309,3 +310,43 @@ def test_every_method_takes_a_step_on_every_cifar_family(family):
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
     labels = np.arange(8, dtype=np.int32) % 10
     _one_step_of_every_method(_CIFAR_FAMILIES[family], images, labels)
+
+
+def test_the_teacher_sees_the_students_augmented_view(digits):
+    """Pad-crop-flip on: a teacher equal to the student (an MLP, no dropout or batch norm) gives
+    a zero KD term only if both saw the same augmented images."""
+    model = build_model({"name": "mlp", "hidden_sizes": (32,)}, num_classes=10, field="model")
+    spec = build_distiller({"name": "kd"})
+    state = init_distill_state(
+        model,
+        _tx(),
+        jax.random.key(3),
+        digits.train.images[:2],
+        init_member(model, _tx(), jax.random.key(3), digits.train.images[:1]).frozen(),
+        spec.distiller,
+        _training_set(digits),
+    )
+    twin = init_member(model, _tx(), jax.random.key(3), digits.train.images[:1]).frozen()
+    batch = next(DeviceSplit(digits.train).train_batches(BATCH, seed=0, epoch=0))
+    step = functools.partial(method_distill_step, weights=_weights(spec), distiller=spec.distiller)
+    _, same_view = step(state, batch, (twin,), crop_flip=(2, (0.0,)))
+    assert float(same_view["kd"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(same_view["teacher_agreement"]) == 1.0
+    # The check can fail: an unaugmented teacher disagrees with the augmented student.
+    shifted = FrozenModel(
+        lambda variables, images, train: model.apply(
+            variables, jnp.flip(images, axis=2), train=train
+        ),
+        twin.variables,
+    )
+    fresh = init_distill_state(
+        model,
+        _tx(),
+        jax.random.key(3),
+        digits.train.images[:2],
+        twin,
+        spec.distiller,
+        _training_set(digits),
+    )
+    _, other_view = step(fresh, batch, (shifted,), crop_flip=(2, (0.0,)))
+    assert float(other_view["kd"]) > 1e-3
