@@ -41,10 +41,9 @@ from kdjax.config import check_config_fits_data, check_models_fit_data, validate
 from kdjax.data import Dataset, load_dataset
 from kdjax.distillers import DistillerSpec, TrainingSet, build_distiller
 from kdjax.errors import ConfigError
-from kdjax.io import replace_stage_lines, write_json_atomic, write_text_atomic
-from kdjax.models import build_model, count_params
+from kdjax.models import build_model
 from kdjax.papers.hinton2015 import Population, Reproduction, _row
-from kdjax.papers.report import git_commit
+from kdjax.papers.report import git_commit, publish
 from kdjax.train.loop import fit
 from kdjax.train.method_step import init_distill_state, population_method_distill_step
 from kdjax.train.optim import make_optimizer
@@ -132,15 +131,9 @@ class ZooJob(Reproduction):
             epochs=stage["epochs"],
             batch_size=stage["batch_size"],
             seed=self.seeds,
-            name=name,
-            on_epoch_end=self._log_epoch(name),
-            checkpoints=self.progress(name),
-            on_start=lambda history: replace_stage_lines(self.metrics_path, name, history),
-            on_nonfinite=self.config.get("on_nonfinite", "stop"),
+            **self.fit_options(name),
         )
-        frozen = result.state.frozen()
-        params = count_params(jax.tree_util.tree_map(lambda x: x[0], frozen.variables["params"]))
-        return Population(frozen, params, result.wall_time_s, result.examples_per_s)
+        return Population.of(result)
 
 
 def assistant_chain(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -234,23 +227,8 @@ def run(config: Mapping[str, Any], workdir: str, dataset: Dataset) -> dict[str, 
         "part_wall_time_s": wall,
         "wall_time_s": time.perf_counter() - start,
         "commit": commit,
-        "seeds": list(job.seeds),
-        "config": workdirs.plain_config(config),
-        "platform": f"{jax.default_backend()} ({jax.device_count()} device(s)), "
-        f"jax {jax.__version__}",
-        "dataset": {
-            "name": dataset.name,
-            "train_examples": len(dataset.train),
-            "test_examples": len(dataset.test),
-        },
     }
-    markdown = zoo_markdown(results)
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    write_text_atomic(os.path.join(workdir, "results.md"), markdown)
-    published = config.get("results_dir", "")
-    if published:
-        write_json_atomic(os.path.join(published, f"{results['name']}.json"), results)
-        write_text_atomic(os.path.join(published, f"{results['name']}.md"), markdown)
+    publish(results, zoo_markdown, config, workdir, dataset)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "progress"), ignore_errors=True)
     return results
 

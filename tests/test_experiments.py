@@ -13,6 +13,14 @@ from kdjax.errors import WorkdirError
 from kdjax.runners import get_runner
 
 EXPERIMENTS = sorted(p.name for p in (REPO / "experiments").glob("*.py"))
+# Configs of other runners, each exercised by its own tests: the Hinton reproduction (here),
+# the zoo (tests/test_zoo.py) and the CIFAR-100 tables (tests/test_cifar_configs.py).
+OTHER_RUNNERS = (
+    "hinton2015_mnist.py",
+    "zoo_fashion_mnist.py",
+    "cifar100_crd.py",
+    "cifar100_dkd.py",
+)
 
 
 def _smoke_config(file_name, tfds_data_dir):
@@ -37,7 +45,18 @@ def test_there_is_a_reproduction_config():
     assert "hinton2015_mnist.py" in EXPERIMENTS
 
 
-@pytest.mark.parametrize("file_name", [f for f in EXPERIMENTS if f != "hinton2015_mnist.py"])
+def test_every_experiment_has_its_test():
+    tested = {"hinton2015_mnist.py"} | {
+        name
+        for name in OTHER_RUNNERS
+        if (REPO / "tests" / ("test_zoo.py" if "zoo" in name else "test_cifar_configs.py"))
+        .read_text()
+        .count(name[:-3])
+    }
+    assert set(OTHER_RUNNERS) == tested
+
+
+@pytest.mark.parametrize("file_name", [f for f in EXPERIMENTS if f not in OTHER_RUNNERS])
 def test_every_pipeline_experiment_runs_in_smoke_mode(file_name, tfds_data_dir, tmp_path):
     config = _smoke_config(file_name, tfds_data_dir)
     results = get_runner(config)(config, str(tmp_path))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.distillers.base import DISTILLERS, Distiller, DistillInputs, Terms, TrainingSet
-from kdjax.distillers.features import feature, flat, l2_normalize
+from kdjax.distillers.features import flat, l2_normalize, paired
 from kdjax.losses.classification import masked_mean
 
 Array = jax.Array
@@ -92,8 +92,7 @@ class CRD(Distiller):
         teacher_features: Mapping[str, Array],
         training_set: TrainingSet,
     ) -> tuple[Any, Any]:
-        student = feature(student_features, self.student_feature, "student")
-        teacher = feature(teacher_features, self.teacher_feature, "teacher")
+        student, teacher = paired(student_features, teacher_features, self)
         keys = jax.random.split(key, 4)
         head = _Embed(self.embed_dim)
         params = {
@@ -142,8 +141,7 @@ class CRD(Distiller):
         self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
     ) -> tuple[Terms, Any]:
         head = _Embed(self.embed_dim)
-        student = feature(inputs.student_features, self.student_feature, "student")
-        teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
+        student, teacher = paired(inputs.student_features, inputs.teacher_features, self)
         v_s = head.apply({"params": params["embed_student"]}, student)
         v_t = head.apply({"params": params["embed_teacher"]}, jax.lax.stop_gradient(teacher))
         n = buffers["memory_student"].shape[0]

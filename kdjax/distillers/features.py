@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,19 @@ def feature(features: Mapping[str, Array], name: str, whose: str) -> Array:
             f"Set the distiller's {whose}_feature(s) to one of those."
         )
     return features[name]
+
+
+def paired(
+    student_features: Mapping[str, Array],
+    teacher_features: Mapping[str, Array],
+    distiller: Any,
+) -> tuple[Array, Array]:
+    """(student, teacher) features named by ``distiller.student_feature`` and
+    ``distiller.teacher_feature`` (a ValueError naming what each model has, if missing)."""
+    return (
+        feature(student_features, distiller.student_feature, "student"),
+        feature(teacher_features, distiller.teacher_feature, "teacher"),
+    )
 
 
 def flat(x: Array) -> Array:

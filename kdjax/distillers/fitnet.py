@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.distillers.base import DISTILLERS, Distiller, DistillInputs, Terms, TrainingSet
-from kdjax.distillers.features import feature, flat
+from kdjax.distillers.features import flat, paired
 from kdjax.losses.classification import masked_mean
 
 Array = jax.Array
@@ -83,15 +83,13 @@ class FitNet(Distiller):
         teacher_features: Mapping[str, Array],
         training_set: TrainingSet,
     ) -> tuple[Any, Any]:
-        student = feature(student_features, self.student_feature, "student")
-        teacher = feature(teacher_features, self.teacher_feature, "teacher")
+        student, teacher = paired(student_features, teacher_features, self)
         variables = self._regressor(teacher).init(key, student)
         return {"regressor": variables["params"]}, {}
 
     def terms(
         self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
     ) -> tuple[Terms, Any]:
-        student = feature(inputs.student_features, self.student_feature, "student")
-        teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
+        student, teacher = paired(inputs.student_features, inputs.teacher_features, self)
         regressed = self._regressor(teacher).apply({"params": params["regressor"]}, student)
         return {"hint": hint_loss(regressed, teacher, inputs.mask)}, buffers

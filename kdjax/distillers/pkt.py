@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.distillers.base import DISTILLERS, Distiller, DistillInputs, Terms
-from kdjax.distillers.features import feature, flat, l2_normalize, pair_mask
+from kdjax.distillers.features import flat, l2_normalize, pair_mask, paired
 
 Array = jax.Array
 _EPS = 1e-7
@@ -53,6 +53,5 @@ class PKT(Distiller):
     def terms(
         self, params: Any, buffers: Any, inputs: DistillInputs, key: Array
     ) -> tuple[Terms, Any]:
-        student = feature(inputs.student_features, self.student_feature, "student")
-        teacher = feature(inputs.teacher_features, self.teacher_feature, "teacher")
+        student, teacher = paired(inputs.student_features, inputs.teacher_features, self)
         return {"pkt": pkt_loss(student, teacher, inputs.mask)}, buffers

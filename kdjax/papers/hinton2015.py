@@ -52,6 +52,7 @@ from kdjax.io import append_json_line, replace_stage_lines
 from kdjax.models import build_model, count_params
 from kdjax.papers.report import git_commit, write_report
 from kdjax.pipeline import training_checkpoints
+from kdjax.train.loop import FitResult
 from kdjax.train.population import (
     fit_population,
     population_distill_from_logits_step,
@@ -87,6 +88,13 @@ class Population:
     params: int  # of one member
     wall_time_s: float
     examples_per_s: float | None
+
+    @classmethod
+    def of(cls, result: FitResult) -> Population:
+        """The trained members of a population's fit, with its timings."""
+        frozen = result.state.frozen()
+        params = count_params(jax.tree_util.tree_map(lambda x: x[0], frozen.variables["params"]))
+        return cls(frozen, params, result.wall_time_s, result.examples_per_s)
 
 
 def _role_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -127,6 +135,17 @@ class Reproduction:
         model_config = dict(self.config[role]["model"]) | overrides
         return build_model(model_config, num_classes=self.num_classes, field=f"{role}.model")
 
+    def fit_options(self, name: str) -> dict[str, Any]:
+        """What every population's fit shares: its metrics lines, resumable checkpoints and
+        non-finite policy."""
+        return dict(
+            name=name,
+            on_epoch_end=self._log_epoch(name),
+            checkpoints=self.progress(name),
+            on_start=lambda history: replace_stage_lines(self.metrics_path, name, history),
+            on_nonfinite=self.config.get("on_nonfinite", "stop"),
+        )
+
     def _fit(self, name, role, model, split, seeds, keys, step_fn) -> Population:
         result = fit_population(
             model,
@@ -135,16 +154,10 @@ class Reproduction:
             seeds,
             keys,
             step_fn,
-            name=name,
             field=role,
-            on_epoch_end=self._log_epoch(name),
-            checkpoints=self.progress(name),
-            on_start=lambda history: replace_stage_lines(self.metrics_path, name, history),
-            on_nonfinite=self.config.get("on_nonfinite", "stop"),
+            **self.fit_options(name),
         )
-        frozen = result.state.frozen()
-        params = count_params(jax.tree_util.tree_map(lambda x: x[0], frozen.variables["params"]))
-        return Population(frozen, params, result.wall_time_s, result.examples_per_s)
+        return Population.of(result)
 
     def teachers(self) -> Population:
         """The teacher population: restored from this work directory if a rerun finds it there,

@@ -135,11 +135,22 @@ def write_report(
 ) -> None:
     """Completes ``results`` (which names its ``commit``) with what makes it reproducible, and
     writes both files atomically."""
+    results |= {"name": config.get("name", "reproduction"), "rule": RULE, "paper": dict(paper)}
+    publish(results, results_markdown, config, workdir, dataset)
+
+
+def publish(
+    results: dict[str, Any],
+    to_markdown: Any,
+    config: Mapping[str, Any],
+    workdir: str,
+    dataset: Dataset,
+) -> None:
+    """Adds to ``results`` what makes it reproducible (config, seeds, platform, data sizes) and
+    writes ``results.json`` and ``to_markdown(results)`` atomically into ``workdir``, and into
+    ``config.results_dir`` as ``<name>.json`` / ``.md`` when it is set."""
     plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     results |= {
-        "name": config.get("name", "reproduction"),
-        "rule": RULE,
-        "paper": dict(paper),
         "config": json.loads(json.dumps(plain)),
         "seeds": [int(s) for s in config["seeds"]],
         "platform": f"{jax.default_backend()} ({jax.device_count()} device(s)), "
@@ -150,7 +161,7 @@ def write_report(
             "test_examples": len(dataset.test),
         },
     }
-    markdown = results_markdown(results)
+    markdown = to_markdown(results)
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     write_text_atomic(os.path.join(workdir, "results.md"), markdown)
     # The copy that is committed: the results without the work directory's checkpoints.
