@@ -63,8 +63,8 @@ def _one_step(tmp_path, table, pair):
     return results
 
 
-def test_the_dkd_table_runs_one_step_per_row_on_cifar_format_data(tmp_path):
-    """The default run's one pair (the rest, and the CRD table, are slow tests)."""
+@pytest.mark.slow
+def test_the_dkd_table_prints_the_published_number_beside_ours(tmp_path):
     results = _one_step(tmp_path, "cifar100_dkd", "vgg13_vgg8")
     assert results["rows"][-1]["paper_top1_pct"] == 74.68
 
