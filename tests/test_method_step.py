@@ -150,7 +150,7 @@ def test_an_ensemble_averages_probabilities_in_the_step(digits, cnn_teacher):
     assert float(metrics["kd"]) == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fitnet", "crd"])
+@pytest.mark.parametrize("name", [pytest.param("fitnet", marks=pytest.mark.slow), "crd"])
 def test_a_population_member_matches_the_lone_run(digits, cnn_teacher, name):
     """Trainable distiller parameters (fitnet) and buffers (crd) under vmap, 2 members, 4 steps.
 
@@ -289,6 +289,7 @@ def _one_step_of_every_method(model_config, images, labels):
         assert any(jax.tree_util.tree_leaves(moved)), (model_config, name)
 
 
+@pytest.mark.slow
 def test_every_method_takes_a_step_on_the_small_models(digits):
     images, labels = digits.train.images[:16], digits.train.labels[:16]
     for config in _FAST_FAMILIES.values():

@@ -35,6 +35,7 @@ def finished(tmp_path_factory):
     return zoo.reproduce(_smoke(), str(workdir)), workdir
 
 
+@pytest.mark.slow
 def test_every_row_is_trained_and_reported(finished):
     results, workdir = finished
     names = [row["name"] for row in results["rows"]]
