@@ -43,3 +43,17 @@ def digits():
     from kdjax.data import load_dataset
 
     return load_dataset({"name": "digits"})
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network, as on this machine wherever it is not already so: DNS fails, no proxies."""
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for variable in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.delenv(variable.upper(), raising=False)

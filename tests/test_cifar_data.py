@@ -197,16 +197,7 @@ def test_tfds_path_converts_as_the_raw_path_does(tmp_path, tfds, release):
     )
 
 
-def test_offline_tfds_download_fails_at_once_naming_the_raw_folder(tmp_path, monkeypatch):
-    import socket
-
-    def no_dns(*args, **kwargs):
-        raise socket.gaierror(-3, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    for variable in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(variable, raising=False)
-        monkeypatch.delenv(variable.upper(), raising=False)
+def test_offline_tfds_download_fails_at_once_naming_the_raw_folder(tmp_path, offline):
     with pytest.raises(
         DataError, match=r"cannot be reached.*raw_dir to the folder cifar-100-python unpacked"
     ):
