@@ -12,8 +12,10 @@ import os
 import shutil
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
+from kdjax import distributed
 from kdjax.errors import ConfigError
 from kdjax.io import write_json_atomic
 
@@ -22,15 +24,22 @@ METADATA = "model.json"
 
 
 def save_model(directory: str, variables: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Saves ``variables`` (called by every process of a multi-process job: orbax writes each
+    process's shards; the primary writes ``model.json``)."""
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, VARIABLES)
-    # Without model.json beside it, an existing variables/ is a save that was cut off.
-    shutil.rmtree(target, ignore_errors=True)
+    if distributed.is_primary():
+        os.makedirs(directory, exist_ok=True)
+        # Without model.json beside it, an existing variables/ is a save that was cut off.
+        shutil.rmtree(target, ignore_errors=True)
+    distributed.barrier("kdjax-save-model-start")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
-    write_json_atomic(os.path.join(directory, METADATA), metadata)
+    distributed.barrier("kdjax-save-model-written")
+    if distributed.is_primary():
+        write_json_atomic(os.path.join(directory, METADATA), metadata)
+    distributed.barrier("kdjax-save-model-done")
 
 
 def find_model_checkpoint(path: str, role: str) -> str:
@@ -57,6 +66,17 @@ def restore_variables(directory: str, abstract_variables: Any) -> dict[str, Any]
     """Restores variables shaped like ``abstract_variables`` (from ``jax.eval_shape``)."""
     # orbax refuses relative paths, and a work directory given as runs/NAME is one.
     path = os.path.abspath(os.path.join(directory, VARIABLES))
+    # Without a layout of its own, a variable lands on this process's first device, whatever
+    # devices wrote it (a teacher trained on 8 GPUs is reused on one).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_variables = jax.tree_util.tree_map(
+        lambda x: (
+            x
+            if getattr(x, "sharding", None) is not None
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here)
+        ),
+        abstract_variables,
+    )
     try:
         restored = ocp.StandardCheckpointer().restore(path, abstract_variables)
     except Exception as err:  # orbax raises several types for missing/corrupt/mismatched data

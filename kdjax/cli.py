@@ -1,10 +1,14 @@
 """kdjax: fit a teacher, train a student from scratch, distill it, evaluate, report.
 
 Usage: kdjax [--config=PATH[:VARIANT]] [--config.FIELD=VALUE ...] [--workdir=DIR] [--overwrite]
+             [--distributed]
 
   kdjax                                        the embedded digits job (about 10 s on a CPU)
   kdjax --config=experiments/mnist_short.py --config.dataset.raw_dir=PATH/TO/mnist
   kdjax --config=experiments/mnist_short.py:smoke --config.student.temperature=8
+
+Every device is used (config.parallel: sharded jit by default, or pmap); a job of several
+processes (hosts) is described in BUILD.md.
 
 A work directory holding an unfinished run of the same config is resumed where it stopped;
 --overwrite starts it again from scratch instead. SIGTERM or Ctrl-C saves a checkpoint at the
@@ -47,6 +51,13 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string(
         "workdir", None, "Where the run writes checkpoints and results (default: runs/NAME-TIME)."
+    )
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Join the other processes of a multi-host job found by JAX's cluster detection "
+        "(SLURM, Open MPI, TPU pod slices). Without it a job is multi-process when "
+        "JAX_COORDINATOR_ADDRESS, KDJAX_NUM_PROCESSES and KDJAX_PROCESS_ID are set (BUILD.md).",
     )
     flags.DEFINE_bool(
         "overwrite",
@@ -119,6 +130,9 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])} (see kdjax --help)")
     # Imports jax: after flag parsing keeps --help fast.
+    import jax
+
+    from kdjax import distributed
     from kdjax.errors import Interrupted, KdjaxError, NonFiniteError
     from kdjax.runners import get_runner
     from kdjax.train.preemption import stop_on_signals
@@ -129,10 +143,18 @@ def _main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("kdjax").setLevel(logging.INFO)
     try:
+        distributed.initialize(auto_detect=FLAGS.distributed)  # before any device is used
+    except KdjaxError as err:
+        _fail(str(err))
+    if not distributed.is_primary():
+        logging.getLogger("kdjax").setLevel(logging.WARNING)  # progress is logged once
+    try:
         config = FLAGS.config
         name = config.get("name", "kdjax")  # a config file that failed to load raises here
     except OSError as err:
         _fail(f"cannot load --config: {_plain_message(err)}")
+    if FLAGS.workdir is None and jax.process_count() > 1:
+        _fail("a job of several processes needs --workdir, the same shared folder in each.")
     if FLAGS.workdir is not None and not FLAGS.workdir.strip():
         _fail("--workdir is empty: give a folder, or leave the flag out for runs/NAME-TIME.")
     workdir = FLAGS.workdir or os.path.join(
@@ -149,6 +171,8 @@ def _main(argv: list[str]) -> None:
         _fail(str(err), code=4)
     except KdjaxError as err:
         _fail(str(err))
+    if not distributed.is_primary():
+        return  # the primary process prints the results
     with open(os.path.join(workdir, "results.md")) as f:
         print(f.read())
     print(f"Results, checkpoints and metrics are in {workdir}/ ({results['wall_time_s']:.0f} s).")

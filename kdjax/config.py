@@ -10,6 +10,7 @@ A kdjax config is an ``ml_collections.ConfigDict``:
 - ``eval_batch_size``: batch size for evaluation (any value gives exact counts).
 - ``checkpointing``: how often training checkpoints (for resume) are saved, and how many kept.
 - ``on_nonfinite``: ``stop`` or ``skip`` at a NaN/Inf loss or gradient.
+- ``parallel``: which devices, and sharded jit or pmap (:mod:`kdjax.train.parallel`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kdjax.errors import ConfigError
 from kdjax.models import build_model
 from kdjax.train.loop import ON_NONFINITE
 from kdjax.train.optim import OPTIMIZERS, SCHEDULES
+from kdjax.train.parallel import parallel_config
 
 ROLES = ("teacher", "student")
 
@@ -111,7 +113,9 @@ def checkpointing_config(
 
 
 def survival_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds the fields that make a run survive: ``checkpointing`` and ``on_nonfinite``."""
+    """Adds the fields that make a run survive, ``checkpointing`` and ``on_nonfinite``, and
+    ``parallel``, the devices it runs on (:func:`kdjax.train.parallel.parallel_config`)."""
+    config.parallel = parallel_config()
     config.checkpointing = checkpointing_config()
     # stop: a NaN/Inf loss or gradient ends the run, naming the term (the last checkpoint is
     # kept); skip: such steps are left out and counted.

@@ -13,7 +13,6 @@ Work directory layout::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax import checkpoint
+from kdjax import checkpoint, distributed
 from kdjax import workdir as workdirs
 from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
 from kdjax.data import Dataset, DeviceSplit, load_dataset
@@ -47,6 +46,7 @@ from kdjax.train import (
     make_optimizer,
     train_step,
 )
+from kdjax.train.parallel import DataParallel, check_parallel_config
 from kdjax.train.resume import TrainCheckpoints
 from kdjax.train.steps import augment_options
 
@@ -119,11 +119,28 @@ class _Run:
         self.validation = None if validation is None else DeviceSplit(validation)
         self.example_images = self.dataset.train.images[:1]
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        self.parallel = DataParallel.from_config(self.config.get("parallel"))
+
+    def _log_metrics(self, stage: str, record: dict[str, Any]) -> None:
+        if distributed.is_primary():
+            append_json_line(self.metrics_path, {"stage": stage, **record})
+
+    def _restart_metrics(self, stage: str, history: list[dict[str, Any]]) -> None:
+        if distributed.is_primary():
+            replace_stage_lines(self.metrics_path, stage, history)
+        distributed.barrier(f"kdjax-metrics-{stage}")
 
     def train_model(
-        self, role: str, stage: str, model: nn.Module, key: jax.Array, step_fn: Any
+        self,
+        role: str,
+        stage: str,
+        model: nn.Module,
+        key: jax.Array,
+        step: Any,
+        operands: Mapping[str, Any] | None = None,
     ) -> StageOutcome:
-        """Initialises ``model`` from ``key``; trains it with ``step_fn`` per ``config[role]``.
+        """Initialises ``model`` from ``key``; trains it with ``step`` (its array arguments in
+        ``operands``) per ``config[role]``, on every device of the run.
 
         A stage that a resumed run had finished is restored, not retrained; one it had begun
         continues from its last checkpoint (``checkpoints/<stage>/progress``).
@@ -144,20 +161,20 @@ class _Run:
             steps_per_epoch=self.train.steps_per_epoch(stage_config["batch_size"]),
         )
         progress = training_checkpoints(self.config, os.path.join(directory, "progress"))
+        augmentation = augment_options(stage_config, self.dataset.padding_value)
         result = fit(
             create_train_state(model, variables, tx, dropout_key),
             self.train,
-            functools.partial(step_fn, **augment_options(stage_config, self.dataset.padding_value)),
+            self.parallel.compile_step(step, operands, **augmentation),
             epochs=stage_config["epochs"],
             batch_size=stage_config["batch_size"],
             seed=self.config["seed"],
             name=stage,
-            on_epoch_end=lambda epoch, record: append_json_line(
-                self.metrics_path, {"stage": stage, **record}
-            ),
+            on_epoch_end=lambda epoch, record: self._log_metrics(stage, record),
             checkpoints=progress,
-            on_start=lambda history: replace_stage_lines(self.metrics_path, stage, history),
+            on_start=lambda history: self._restart_metrics(stage, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
+            parallel=self.parallel,
         )
         outcome = StageOutcome(
             result.state.frozen(),
@@ -188,6 +205,11 @@ class _Run:
     def _restore_stage(self, model: nn.Module, directory: str, key: jax.Array) -> StageOutcome:
         """A model checkpoint as a stage outcome (its training figures from model.json)."""
         abstract = jax.eval_shape(lambda: init_variables(model, key, self.example_images))
+        if not self.parallel.single:  # every process restores its copy onto the mesh
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.parallel.replicated),
+                abstract,
+            )
         variables = checkpoint.restore_variables(directory, abstract)
         saved = checkpoint.read_metadata(directory)
         logger.info("Reusing the finished %s in %s.", saved.get("stage", "model"), directory)
@@ -205,7 +227,7 @@ class _Run:
         return dataclasses.replace(outcome, wall_time_s=0.0, examples_per_s=None, epochs=0)
 
     def result_row(self, stage: str, role: str, outcome: StageOutcome) -> dict[str, Any]:
-        scores = evaluate(outcome.model, self.test, self.config["eval_batch_size"])
+        scores = evaluate(outcome.model, self.test, self.config["eval_batch_size"], self.parallel)
         logger.info(
             "%s: test accuracy %.4f (%d errors of %d)",
             stage,
@@ -234,7 +256,9 @@ class _Run:
         asks for them: the number to choose settings by, where test accuracy must not be."""
         if self.validation is None:
             return {}
-        scores = evaluate(outcome.model, self.validation, self.config["eval_batch_size"])
+        scores = evaluate(
+            outcome.model, self.validation, self.config["eval_batch_size"], self.parallel
+        )
         return {"validation_accuracy": scores["accuracy"], "validation_errors": scores["errors"]}
 
 
@@ -263,6 +287,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
             "runner (runner='hinton2015', see experiments/hinton2015_mnist.py)."
         )
     validate_config(config)
+    check_parallel_config(config.get("parallel", {}))
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, keep=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])
@@ -278,7 +303,9 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     )
     check_models_fit_data({"teacher.model": teacher_model, "student.model": student_model}, dataset)
 
-    workdirs.start(workdir, config, resuming=resuming)
+    if distributed.is_primary():
+        workdirs.start(workdir, config, resuming=resuming)
+    distributed.barrier("kdjax-workdir")
     job = _Run(config, dataset, workdir)
     # Both students start from the same initialisation and see the same batches, so the only
     # difference between them is the teacher.
@@ -288,13 +315,14 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     else:
         teacher = job.train_model("teacher", "teacher", teacher_model, teacher_key, train_step)
     scratch = job.train_model("student", "student_scratch", student_model, student_key, train_step)
-    distill = functools.partial(
-        distill_step,
-        teacher=teacher.model,
-        temperature=jnp.float32(config["student"]["temperature"]),
-        alpha=jnp.float32(config["student"]["alpha"]),
+    soft_targets = {
+        "teacher": teacher.model,
+        "temperature": jnp.float32(config["student"]["temperature"]),
+        "alpha": jnp.float32(config["student"]["alpha"]),
+    }
+    distilled = job.train_model(
+        "student", "student_distilled", student_model, student_key, distill_step, soft_targets
     )
-    distilled = job.train_model("student", "student_distilled", student_model, student_key, distill)
 
     rows = [
         job.result_row("teacher (reused)" if teacher_checkpoint else "teacher", "teacher", teacher),
@@ -318,8 +346,11 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         "platform": (
             f"{jax.default_backend()} ({jax.device_count()} device(s)), jax {jax.__version__}"
         ),
+        "devices": job.parallel.describe(),
     }
     # results.json last: its presence is what marks the run finished.
-    write_text_atomic(os.path.join(workdir, "results.md"), results_markdown(results))
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if distributed.is_primary():
+        write_text_atomic(os.path.join(workdir, "results.md"), results_markdown(results))
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+    distributed.barrier("kdjax-results")
     return results

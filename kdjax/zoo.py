@@ -47,6 +47,7 @@ from kdjax.papers.report import git_commit, publish
 from kdjax.train.loop import fit
 from kdjax.train.method_step import init_distill_state, population_method_distill_step
 from kdjax.train.optim import make_optimizer
+from kdjax.train.parallel import check_one_device_runner
 from kdjax.train.population import select_members
 from kdjax.train.state import FrozenModel
 from kdjax.train.steps import augment_options
@@ -297,6 +298,7 @@ def validate(config: Mapping[str, Any]) -> None:
 def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict:
     """The ``zoo`` runner: checks everything (config, methods, data, models), then :func:`run`."""
     validate(config)
+    check_one_device_runner(config.get("parallel"), "zoo")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, may_differ=("results_dir",))
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)

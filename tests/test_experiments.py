@@ -56,7 +56,19 @@ def test_every_experiment_has_its_test():
     assert set(OTHER_RUNNERS) == tested
 
 
-@pytest.mark.parametrize("file_name", [f for f in EXPERIMENTS if f not in OTHER_RUNNERS])
+# Fashion-MNIST's smoke run is MNIST's code path on other files (those are checked by
+# test_data): kept in the slow suite, to keep the default run short.
+_SLOW_SMOKE = ("fashion_mnist_short.py",)
+
+
+@pytest.mark.parametrize(
+    "file_name",
+    [
+        pytest.param(f, marks=pytest.mark.slow) if f in _SLOW_SMOKE else f
+        for f in EXPERIMENTS
+        if f not in OTHER_RUNNERS
+    ],
+)
 def test_every_pipeline_experiment_runs_in_smoke_mode(file_name, tfds_data_dir, tmp_path):
     config = _smoke_config(file_name, tfds_data_dir)
     results = get_runner(config)(config, str(tmp_path))

@@ -60,6 +60,7 @@ class DeviceSplit:
         a population whose members each have their own teacher; served as
         ``batch["teacher_logits"]``."""
         self.num_examples = len(split)
+        self.host = split  # the host arrays, for batches gathered per process (many devices)
         self.images = jax.device_put(split.images)
         self.labels = jax.device_put(split.labels)
         self.teacher_logits = None if teacher_logits is None else jax.device_put(teacher_logits)

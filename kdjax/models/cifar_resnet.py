@@ -16,15 +16,16 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.models.factory import MODELS, check_widths
+from kdjax.models.norm import BatchNorm
 
 # He et al.'s "fan_out" normal init (std sqrt(2 / (k*k*out_channels))), which the ResNet, WRN,
 # VGG and MobileNetV2 originals all give their convolutions.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str) -> BatchNorm:
     """BatchNorm with PyTorch's defaults: flax's momentum 0.9 is PyTorch's momentum 0.1."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def conv3x3(features: int, stride: int, name: str, *, use_bias: bool = False) -> nn.Conv:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from kdjax.models.factory import MODELS, check_rate, check_widths
+from kdjax.models.norm import BatchNorm
 
 
 @MODELS.register("cnn")
@@ -39,7 +40,7 @@ class SmallCNN(nn.Module):
                 width, (3, 3), padding="SAME", use_bias=not self.batch_norm, name=f"conv{i}"
             )(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
+                x = BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
             x = nn.relu(x)
             features[f"stage{i}"] = x
             x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -53,6 +53,7 @@ from kdjax.models import build_model, count_params
 from kdjax.papers.report import git_commit, write_report
 from kdjax.pipeline import training_checkpoints
 from kdjax.train.loop import FitResult
+from kdjax.train.parallel import check_one_device_runner
 from kdjax.train.population import (
     fit_population,
     population_distill_from_logits_step,
@@ -512,6 +513,7 @@ def _check_classes(config: Mapping[str, Any], dataset: Dataset) -> None:
 def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict:
     """The ``hinton2015`` runner: checks everything, then :func:`run`."""
     validate(config)
+    check_one_device_runner(config.get("parallel"), "hinton2015")
     # A finished reproduction is never replaced unless asked; an unfinished one of the same
     # config (its parts may differ) is continued in place: its teachers are reused and every
     # population resumes from its last checkpoint.

@@ -18,16 +18,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kdjax.data.batching import Batch, DeviceSplit
 from kdjax.errors import ConfigError, Interrupted, NonFiniteError
 from kdjax.train import preemption
+from kdjax.train.parallel import DataParallel, to_host
 from kdjax.train.resume import Progress, TrainCheckpoints
 from kdjax.train.state import TrainState
 from kdjax.train.steps import Metrics
@@ -81,6 +83,7 @@ def fit(
     checkpoints: TrainCheckpoints | None = None,
     on_start: StartCallback | None = None,
     on_nonfinite: str = "stop",
+    parallel: DataParallel | None = None,
 ) -> FitResult:
     """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``.
 
@@ -91,6 +94,9 @@ def fit(
       on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` at the first step whose loss or
         gradient is not finite (naming the term; the last checkpoint is kept); ``"skip"``
         leaves such steps out and counts them (``nonfinite_steps`` in the history).
+      parallel: the devices to train on (None: one). ``step_fn`` must then be compiled for
+        them (:meth:`DataParallel.compile_step`); ``state`` is placed here, and the returned
+        state is laid out as checkpoints store it.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ConfigError(
@@ -99,17 +105,24 @@ def fit(
     steps_per_epoch = train_split.steps_per_epoch(batch_size)
     total_steps = epochs * steps_per_epoch
     members = 1 if isinstance(seed, int | np.integer) else len(seed)
-    first_batch = next(train_split.train_batches(batch_size, seed=seed, epoch=0))
-    metric_shapes = jax.eval_shape(step_fn, state, first_batch)[1]
+    parallel = parallel or DataParallel(jax.devices()[:1])
+
+    def batches(epoch: int, start: int = 0) -> Iterator[Batch]:
+        return parallel.train_batches(train_split, batch_size, seed=seed, epoch=epoch, start=start)
+
+    state = parallel.place(state)
+    metric_shapes = jax.eval_shape(step_fn, state, next(batches(0)))[1]
 
     def zero_sums() -> Metrics:
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), metric_shapes)
+        return parallel.replicate(jax.tree_util.tree_map(jnp.asarray, zeros))
 
     sums, progress = zero_sums(), Progress()
     if checkpoints is not None:
-        restored = checkpoints.restore_latest(state, sums)
+        restored = checkpoints.restore_latest(parallel.saved(state), sums)
         if restored is not None:
             state, sums, progress = restored
+            state = parallel.place(state)
         else:
             logger.info("%s: no checkpoint in %s, starting at step 0.", name, checkpoints.directory)
     if on_start is not None:
@@ -121,7 +134,7 @@ def fit(
             progress.steady_time_s = steady_before + (
                 time.perf_counter() - steady_start if steady_start is not None else 0.0
             )
-            checkpoints.save(state, sums, progress)
+            checkpoints.save(parallel.saved(state), sums, progress)
 
     start = time.perf_counter()
     wall_before, steady_before = progress.wall_time_s, progress.steady_time_s
@@ -139,8 +152,7 @@ def fit(
             epoch, offset = divmod(progress.step, steps_per_epoch)
             if offset == 0:
                 sums = zero_sums()
-            batches = train_split.train_batches(batch_size, seed=seed, epoch=epoch, start=offset)
-            for batch in batches:
+            for batch in batches(epoch, offset):
                 state, metrics = step_fn(state, batch)
                 sums = _accumulate(sums, metrics)
                 progress.step += 1
@@ -155,14 +167,14 @@ def fit(
                     progress.steady_examples += batch_size * members
                 if progress.step % steps_per_epoch == 0:
                     break  # the epoch's last step: saved below, with the epoch's record
-                interrupted = preemption.requested() is not None
-                if interrupted or (checkpoints is not None and checkpoints.due(progress.step)):
+                interrupted, due = _stop_or_save(progress.step, checkpoints, epoch_end=False)
+                if interrupted or due:
                     check_finite()
                     save()
                 if interrupted:
                     raise Interrupted(_interrupted_message(name, progress.step, checkpoints))
             check_finite()
-            record = _epoch_record(jax.device_get(sums), steps_per_epoch, on_nonfinite)
+            record = _epoch_record(to_host(sums), steps_per_epoch, on_nonfinite)
             record["epoch"] = epoch + 1
             progress.history.append(record)
             if np.any(record.get("nonfinite_steps", 0)):
@@ -173,9 +185,9 @@ def fit(
                     record["nonfinite_steps"],
                     steps_per_epoch,
                 )
-            interrupted = preemption.requested() is not None
+            interrupted, due = _stop_or_save(progress.step, checkpoints, epoch_end=True)
             last = progress.step == total_steps
-            if checkpoints is not None and (interrupted or last or checkpoints.due(progress.step)):
+            if checkpoints is not None and (interrupted or last or due):
                 save()
             _log_epoch(name, epoch + 1, epochs, record)
             if on_epoch_end is not None:
@@ -186,11 +198,30 @@ def fit(
     end = time.perf_counter()
     steady = steady_before + (end - steady_start if steady_start is not None else 0.0)
     return FitResult(
-        state=state,
+        state=parallel.saved(state),
         history=progress.history,
         wall_time_s=wall_before + end - start,
         examples_per_s=progress.steady_examples / steady if steady > 0 else float("nan"),
     )
+
+
+def _stop_or_save(
+    step: int, checkpoints: TrainCheckpoints | None, *, epoch_end: bool
+) -> tuple[bool, bool]:
+    """(stop for a signal, save a checkpoint) after ``step``.
+
+    The processes of a multi-process job must save and stop at the same step (a save is a
+    collective): they compare their signals and clocks every few steps and at each epoch's
+    end (one small all-gather), and between those save only by step count.
+    """
+    interrupted = preemption.requested() is not None
+    if jax.process_count() == 1:
+        return interrupted, checkpoints is not None and checkpoints.due(step)
+    if not epoch_end and step % _CHECK_EVERY:
+        return False, checkpoints is not None and checkpoints.due(step, by_time=False)
+    due = checkpoints is not None and checkpoints.due(step)
+    anywhere = multihost_utils.process_allgather(np.array([interrupted, due], np.int32))
+    return bool(np.any(anywhere[..., 0])), bool(np.any(anywhere[..., 1]))
 
 
 def _epoch_record(sums: dict[str, Any], steps: int, on_nonfinite: str) -> dict[str, Any]:
@@ -225,11 +256,11 @@ def _check_finite(
     say with one read whether any did."""
     if not pending:
         return
-    if not np.any(np.asarray(sums["nonfinite"])):
+    if not np.any(to_host(sums["nonfinite"])):
         pending.clear()
         return
-    step, metrics = next((s, m) for s, m in pending if np.any(np.asarray(m["nonfinite"])))
-    values = {k: np.atleast_1d(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    step, metrics = next((s, m) for s, m in pending if np.any(to_host(m["nonfinite"])))
+    values = {k: np.atleast_1d(v) for k, v in to_host(metrics).items()}
     member = int(np.flatnonzero(values["nonfinite"])[0])
     bad = [
         k

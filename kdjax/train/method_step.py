@@ -27,7 +27,14 @@ from kdjax.distillers import Distiller, DistillInputs, TrainingSet, combine_term
 from kdjax.losses import cross_entropy
 from kdjax.losses.classification import masked_mean
 from kdjax.train.state import FrozenModel, TrainState
-from kdjax.train.steps import CropFlip, Metrics, _step_keys, _training_images, guarded_update
+from kdjax.train.steps import (
+    CropFlip,
+    Metrics,
+    _step_keys,
+    _training_images,
+    forward_train,
+    guarded_update,
+)
 
 _DISTILLER_STREAM = 2  # folded into a step's dropout key to give the distiller's key (CRD)
 _DISTILLER_INIT_STREAM = 3  # folded into a member's key to initialise the distiller's parameters
@@ -108,12 +115,8 @@ def _distill_with(
     index = batch.get("index", jnp.arange(batch["label"].shape[0], dtype=jnp.int32))
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Any, Metrics]]:
-        (logits, features), updates = state.apply_fn(
-            {"params": params["student"], "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
+        (logits, features), batch_stats = forward_train(
+            state, params["student"], images, batch["mask"], dropout_key
         )
         inputs = DistillInputs(
             logits, features, teacher_logits, teacher_features, batch["label"], batch["mask"], index
@@ -135,7 +138,6 @@ def _distill_with(
                 (jnp.argmax(logits, -1) == teacher_top1).astype(jnp.float32), batch["mask"]
             ),
         }
-        batch_stats = updates.get("batch_stats", state.batch_stats)
         return loss, (batch_stats, buffers, metrics)
 
     grads, (batch_stats, buffers, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)

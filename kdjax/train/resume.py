@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from kdjax import distributed
 from kdjax.errors import CheckpointError
 from kdjax.io import write_json_atomic
 
@@ -128,7 +129,13 @@ class TrainCheckpoints:
 
     def _drop_unfinished_saves(self) -> None:
         """Deletes step folders that a cut-off save left behind (orbax's temporary folders,
-        and finished orbax folders that kdjax had not yet verified)."""
+        and finished orbax folders that kdjax had not yet verified); the primary process
+        deletes, the others wait for it."""
+        if distributed.is_primary():
+            self._delete_unfinished()
+        distributed.barrier("kdjax-drop-unfinished")
+
+    def _delete_unfinished(self) -> None:
         if not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):
@@ -194,12 +201,15 @@ class TrainCheckpoints:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def due(self, step: int) -> bool:
-        """Whether the loop saves after ``step`` (besides the last step and interruptions)."""
+    def due(self, step: int, *, by_time: bool = True) -> bool:
+        """Whether the loop saves after ``step`` (besides the last step and interruptions).
+        ``by_time=False``: only by steps (the same in every process of a job)."""
         if self.every_steps and step % self.every_steps == 0:
             return True
-        return bool(self.every_seconds) and (
-            time.monotonic() - self._last_save >= self.every_seconds
+        return (
+            by_time
+            and bool(self.every_seconds)
+            and time.monotonic() - self._last_save >= self.every_seconds
         )
 
     def save(self, state: Any, epoch_sums: Any, progress: Progress) -> None:
@@ -211,11 +221,14 @@ class TrainCheckpoints:
         )
         manager.save(progress.step, args=items, force=True)
         manager.wait_until_finished()
+        distributed.barrier(f"kdjax-checkpoint-{progress.step}-written")
         step_dir = os.path.join(self.directory, str(progress.step))
-        write_json_atomic(
-            os.path.join(step_dir, MANIFEST),
-            {"step": progress.step, "files": _file_hashes(step_dir)},
-        )
+        if distributed.is_primary():
+            write_json_atomic(
+                os.path.join(step_dir, MANIFEST),
+                {"step": progress.step, "files": _file_hashes(step_dir)},
+            )
+        distributed.barrier(f"kdjax-checkpoint-{progress.step}-verified")
         self._last_save = time.monotonic()
 
     def restore_latest(self, state: Any, epoch_sums: Any) -> tuple[Any, Any, Progress] | None:
@@ -227,7 +240,10 @@ class TrainCheckpoints:
         step = steps[-1]
         self._verify(step)
         abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+            # Restored onto the template's devices and layout (the mesh of a many-device run).
+            lambda x: jax.ShapeDtypeStruct(
+                jnp.shape(x), jnp.result_type(x), sharding=getattr(x, "sharding", None)
+            ),
             {"state": _state_tree(state), "epoch_sums": epoch_sums},
         )
         try:
@@ -257,4 +273,6 @@ class TrainCheckpoints:
     def delete_all(self) -> None:
         """Removes every checkpoint (once the trained model is saved elsewhere)."""
         self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if distributed.is_primary():
+            shutil.rmtree(self.directory, ignore_errors=True)
+        distributed.barrier("kdjax-delete-checkpoints")

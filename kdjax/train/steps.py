@@ -30,6 +30,7 @@ from kdjax.data.augment import random_crop_flip, random_translate
 from kdjax.data.batching import Batch
 from kdjax.losses import cross_entropy, soft_kl
 from kdjax.losses.classification import masked_mean, mix_hard_soft
+from kdjax.models.norm import batch_statistics
 from kdjax.train.state import FrozenModel, TrainState
 
 Metrics = dict[str, jax.Array]
@@ -42,14 +43,43 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
     return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
 
 
-def _step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+def _step_keys(state: TrainState, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(dropout key, jitter key) of this step: a pure function of the run's key and step.
 
     The dropout key is ``fold_in(rng, step)`` whether or not the images are jittered, so adding
-    jitter to a config leaves its dropout masks as they were.
+    jitter to a config leaves its dropout masks as they were. Under sharded jit the keys draw
+    the global batch's randomness, the same on any number of devices; under ``pmap``
+    (``axis_name``) each device holds only its slice, so the device index is folded in to give
+    each slice its own draws (these differ from a one-device run's).
     """
     dropout_key = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     return dropout_key, jax.random.fold_in(dropout_key, _JITTER_STREAM)
+
+
+def forward_train(
+    state: TrainState,
+    params: Any,
+    images: jax.Array,
+    mask: jax.Array,
+    dropout_key: jax.Array,
+    axis_name: str | None = None,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+    """The student's training-mode forward pass: ``((logits, features), new batch_stats)``.
+
+    Batch-norm statistics are over the batch's valid rows (``mask``), and over every device of
+    ``axis_name`` under ``pmap`` (:mod:`kdjax.models.norm`).
+    """
+    with batch_statistics(mask=mask, axis_name=axis_name):
+        outputs, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+    return outputs, updates.get("batch_stats", state.batch_stats)
 
 
 # CIFAR's crop-and-flip: (pad, per-channel fill of the padding), static; None for none.
@@ -69,35 +99,58 @@ def augment_options(stage: Any, padding_value: tuple[float, ...] | None = None) 
 
 
 def _training_images(
-    state: TrainState, batch: Batch, max_shift: int, crop_flip: CropFlip = None
+    state: TrainState,
+    batch: Batch,
+    max_shift: int,
+    crop_flip: CropFlip = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
-    images = random_translate(batch["image"], _step_keys(state)[1], max_shift)
+    jitter_key = _step_keys(state, axis_name)[1]
+    images = random_translate(batch["image"], jitter_key, max_shift)
     if crop_flip is not None:
         pad, fill = crop_flip
-        images = random_crop_flip(images, _step_keys(state)[1], pad=pad, fill=fill)
+        images = random_crop_flip(images, jitter_key, pad=pad, fill=fill)
     return images
 
 
 def _apply_loss(
-    state: TrainState, images: jax.Array, batch: Batch, logits_loss: LogitsLoss
+    state: TrainState,
+    images: jax.Array,
+    batch: Batch,
+    logits_loss: LogitsLoss,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer update of ``state`` on ``logits_loss`` of its training-mode forward pass."""
-    dropout_key, _ = _step_keys(state)
+    """One optimizer update of ``state`` on ``logits_loss`` of its training-mode forward pass.
+
+    Under ``pmap`` (``axis_name``) each device's loss and metrics are masked means over its own
+    rows; each is weighted by the device's share of the global batch's valid rows and then
+    summed over devices (``psum``), gradients too. That is ``sum / count`` over the global
+    batch, never a mean of per-device means, so padding on some devices changes nothing.
+    """
+    dropout_key, _ = _step_keys(state, axis_name)
+    share = _global_share(batch["mask"], axis_name)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
-        (logits, _), updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": dropout_key},
-            mutable=["batch_stats"],
+        (logits, _), batch_stats = forward_train(
+            state, params, images, batch["mask"], dropout_key, axis_name
         )
         loss, metrics = logits_loss(logits)
         metrics["accuracy"] = _accuracy(logits, batch["label"], batch["mask"])
-        return loss, (updates.get("batch_stats", state.batch_stats), metrics)
+        metrics = {name: value * share for name, value in metrics.items()}
+        return loss * share, (batch_stats, metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads, metrics = jax.lax.psum((grads, metrics), axis_name)
     return guarded_update(state, grads, metrics, batch_stats=batch_stats)
+
+
+def _global_share(mask: jax.Array, axis_name: str | None) -> jax.Array:
+    """This device's fraction of the global batch's valid rows (1 without a mapped axis)."""
+    if axis_name is None:
+        return jnp.float32(1.0)
+    local = jnp.sum(mask.astype(jnp.float32))
+    return local / jnp.maximum(jax.lax.psum(local, axis_name), 1.0)
 
 
 def guarded_update(
@@ -123,21 +176,30 @@ def guarded_update(
     return state, metrics
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
+_STATIC = ("max_shift", "crop_flip", "axis_name")
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=_STATIC)
 def train_step(
-    state: TrainState, batch: Batch, *, max_shift: int = 0, crop_flip: CropFlip = None
+    state: TrainState,
+    batch: Batch,
+    *,
+    max_shift: int = 0,
+    crop_flip: CropFlip = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """Minimises the hard-label cross-entropy."""
+    """Minimises the hard-label cross-entropy. ``axis_name``: the mapped device axis when the
+    step runs under ``jax.pmap`` (:mod:`kdjax.train.parallel`); None otherwise."""
 
     def logits_loss(logits: jax.Array) -> tuple[jax.Array, Metrics]:
         loss = cross_entropy(logits, batch["label"], batch["mask"])
         return loss, {"loss": loss}
 
-    images = _training_images(state, batch, max_shift, crop_flip)
-    return _apply_loss(state, images, batch, logits_loss)
+    images = _training_images(state, batch, max_shift, crop_flip, axis_name)
+    return _apply_loss(state, images, batch, logits_loss, axis_name)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames=("max_shift", "crop_flip"))
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=_STATIC)
 def distill_step(
     state: TrainState,
     batch: Batch,
@@ -147,23 +209,31 @@ def distill_step(
     *,
     max_shift: int = 0,
     crop_flip: CropFlip = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Minimises ``(1 - alpha) * cross_entropy + alpha * soft_kl(T)`` against ``teacher``.
 
     ``temperature`` and ``alpha`` are traced, so changing them does not recompile. With
     ``max_shift`` or ``crop_flip`` the teacher sees the same augmented images as the student.
     """
-    images = _training_images(state, batch, max_shift, crop_flip)
+    images = _training_images(state, batch, max_shift, crop_flip, axis_name)
     teacher_logits = teacher(images)[0]
-    return _distill(state, images, batch, teacher_logits, temperature, alpha)
+    return _distill(state, images, batch, teacher_logits, temperature, alpha, axis_name)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="axis_name")
 def distill_from_logits_step(
-    state: TrainState, batch: Batch, temperature: jax.Array, alpha: jax.Array
+    state: TrainState,
+    batch: Batch,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    *,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
     """:func:`distill_step` with the teacher's logits given in ``batch["teacher_logits"]``."""
-    return _distill(state, batch["image"], batch, batch["teacher_logits"], temperature, alpha)
+    return _distill(
+        state, batch["image"], batch, batch["teacher_logits"], temperature, alpha, axis_name
+    )
 
 
 def _distill(
@@ -173,6 +243,7 @@ def _distill(
     teacher_logits: jax.Array,
     temperature: jax.Array,
     alpha: jax.Array,
+    axis_name: str | None,
 ) -> tuple[TrainState, Metrics]:
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
 
@@ -191,7 +262,7 @@ def _distill(
             "teacher_agreement": agreement,
         }
 
-    return _apply_loss(state, images, batch, logits_loss)
+    return _apply_loss(state, images, batch, logits_loss, axis_name)
 
 
 @jax.jit
