@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -322,3 +323,30 @@ def test_population_runners_refuse_more_than_one_device(runner):
     with pytest.raises(ConfigError) as err:
         check_one_device_runner({"mode": "pmap"}, runner)
     assert f"the {runner} runner trains its vmapped populations on one device" in str(err.value)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_processes, tmp_path):
+    """A scheduler's SIGTERM may reach the processes at different steps, or only one of them:
+    they agree (every 16 steps) and all save the same step and stop; the rerun resumes."""
+    reference, _ = two_processes
+    workdir = tmp_path / "run"
+    extra = ["--config.checkpointing.every_steps=5"]
+    processes = _two_processes(workdir, extra)
+    progress = workdir / "checkpoints" / "teacher" / "progress"
+    deadline = time.monotonic() + 300
+    while not list(progress.glob("*/kdjax-sha256.json")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.02)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [3, 3], [err[-2000:] for _, err in outputs]
+    assert "SIGTERM received" in outputs[1][1]
+    for _, err in outputs:
+        assert "interrupted by a signal; checkpoint saved at step" in err
+    steps = [err.split("checkpoint saved at step ")[1].split()[0] for _, err in outputs]
+    assert steps[0] == steps[1]
+    assert not (workdir / "results.json").exists()
+    _finish(_two_processes(workdir, extra))
+    got, want = _student(workdir), _student(reference)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
