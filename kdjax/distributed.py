@@ -65,8 +65,12 @@ def initialize(*, auto_detect: bool = False) -> bool:
             f"{PROCESS_ID}={process_id} must be in [0, {NUM_PROCESSES}={num_processes})."
         )
     # CPU devices of different processes talk through gloo (GPUs and TPUs use their own
-    # interconnect; this setting only concerns the CPU client).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # interconnect; this setting only concerns the CPU client, and a JAX without it has
+    # another default).
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        logger.info("This JAX has no jax_cpu_collectives_implementation; using its default.")
     jax.distributed.initialize(
         coordinator_address=address, num_processes=num_processes, process_id=process_id
     )
