@@ -3,7 +3,7 @@ small CNN student, and every registered method, 3 seeds of each trained side by 
 
 Command:   kdjax --config=experiments/zoo_fashion_mnist.py --workdir=runs/zoo_fashion_mnist \
                --config.dataset.raw_dir=../shared/data/fashion_mnist   # offline; omit to download
-Smoke:     --config=experiments/zoo_fashion_mnist.py:smoke (digits, tiny nets, under a minute)
+Smoke:     --config=experiments/zoo_fashion_mnist.py:smoke (digits, tiny nets, 1-2 minutes)
 Wall time: see experiments/results/zoo_fashion_mnist.md (measured on a 2-core CPU).
 
 Every method runs at its published loss weights (RepDistiller / mdistiller, CIFAR-100), none

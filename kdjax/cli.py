@@ -160,6 +160,12 @@ def _main(argv: list[str]) -> None:
     workdir = FLAGS.workdir or os.path.join(
         "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
+    from kdjax.workdir import plain_config
+
+    try:
+        distributed.check_same_job(config=plain_config(config), workdir=os.path.abspath(workdir))
+    except KdjaxError as err:
+        _fail(str(err))
     try:
         with stop_on_signals():
             results = get_runner(config)(config, workdir, overwrite=FLAGS.overwrite)

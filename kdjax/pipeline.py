@@ -343,9 +343,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         "resumed": resuming,
         "rows": rows,
         "wall_time_s": time.perf_counter() - start,
-        "platform": (
-            f"{jax.default_backend()} ({jax.device_count()} device(s)), jax {jax.__version__}"
-        ),
+        "platform": f"{job.parallel.describe()}, jax {jax.__version__}",
         "devices": job.parallel.describe(),
     }
     # results.json last: its presence is what marks the run finished.

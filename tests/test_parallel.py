@@ -171,6 +171,26 @@ def test_one_device_is_the_plain_path():
             "KDJAX_PROCESS_ID=2 must be in [0, KDJAX_NUM_PROCESSES=2)",
         ),
         (
+            {"JAX_COORDINATOR_ADDRESS": "localhost:1"},
+            "JAX_COORDINATOR_ADDRESS is set but KDJAX_NUM_PROCESSES and KDJAX_PROCESS_ID are not",
+        ),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "localhost",
+                "KDJAX_NUM_PROCESSES": "2",
+                "KDJAX_PROCESS_ID": "0",
+            },
+            "must be process 0's host:port",
+        ),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "localhost:1",
+                "KDJAX_NUM_PROCESSES": "0",
+                "KDJAX_PROCESS_ID": "0",
+            },
+            "KDJAX_NUM_PROCESSES=0 must be >= 1",
+        ),
+        (
             {
                 "JAX_COORDINATOR_ADDRESS": "localhost:1",
                 "KDJAX_NUM_PROCESSES": "two",
@@ -188,6 +208,19 @@ def test_a_bad_multi_process_environment_is_refused(monkeypatch, env, message):
     with pytest.raises(ConfigError) as err:
         distributed.initialize()
     assert message in str(err.value)
+
+
+def test_a_coordinator_port_in_use_is_refused(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(distributed.COORDINATOR, f"localhost:{port}")
+        monkeypatch.setenv(distributed.NUM_PROCESSES, "2")
+        monkeypatch.setenv(distributed.PROCESS_ID, "0")
+        with pytest.raises(ConfigError) as err:
+            distributed.initialize()
+    assert f"port {port} cannot be served here" in str(err.value)
 
 
 def test_without_a_cluster_a_job_is_one_process(monkeypatch):
@@ -350,3 +383,16 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_processes
     got, want = _student(workdir), _student(reference)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_processes_given_different_configs_are_refused_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    port = _free_port()
+    processes = [
+        _kdjax(workdir, process=p, port=port, extra=[f"--config.seed={p}"]) for p in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [2, 2]
+    for _, err in outputs:
+        assert "were given another config or workdir than process 0" in err
+    assert not workdir.exists()

@@ -153,7 +153,7 @@ def publish(
     results |= {
         "config": json.loads(json.dumps(plain)),
         "seeds": [int(s) for s in config["seeds"]],
-        "platform": f"{jax.default_backend()} ({jax.device_count()} device(s)), "
+        "platform": f"one {jax.default_backend()} device, "
         f"jax {jax.__version__}",
         "dataset": {
             "name": dataset.name,

@@ -73,12 +73,13 @@ def check_parallel_config(section: Mapping[str, Any], field: str = "parallel") -
     if devices > jax.device_count():
         raise ConfigError(
             f"{field}.devices={devices}, but this job has {jax.device_count()} device(s): "
-            "lower it, or 0 for all of them."
+            "lower it, or 0 for all of them (to try many devices on a CPU, set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 before starting)."
         )
     if jax.process_count() > 1 and devices not in (0, jax.device_count()):
         raise ConfigError(
             f"{field}.devices={devices}: a job of {jax.process_count()} processes uses every "
-            "device of every process; set it to 0."
+            f"device of every process; set it to 0 (all) or {jax.device_count()}."
         )
     if mode == "pmap" and jax.process_count() > 1:
         raise ConfigError(
@@ -96,9 +97,14 @@ def check_one_device_runner(section: Mapping[str, Any] | None, runner: str) -> N
     populations of ``hinton2015`` and ``zoo``)."""
     section = dict(section or {})
     check_parallel_config(section)
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"the {runner} runner trains its vmapped populations in one process; this job has "
+            f"{jax.process_count()}: launch it as a single process, or use the pipeline runner "
+            "for many hosts."
+        )
     if (
-        jax.process_count() > 1
-        or section.get("devices", 0) > 1
+        section.get("devices", 0) > 1
         or section.get("mode", "sharded") != "sharded"
         or section.get("shard_params", False)
     ):
