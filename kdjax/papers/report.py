@@ -153,8 +153,7 @@ def publish(
     results |= {
         "config": json.loads(json.dumps(plain)),
         "seeds": [int(s) for s in config["seeds"]],
-        "platform": f"one {jax.default_backend()} device, "
-        f"jax {jax.__version__}",
+        "platform": f"one {jax.default_backend()} device, jax {jax.__version__}",
         "dataset": {
             "name": dataset.name,
             "train_examples": len(dataset.train),
