@@ -21,7 +21,7 @@ def evaluate(
     on ``parallel``'s devices (None: one); padded rows count for nothing."""
     parallel = parallel or DataParallel(jax.devices()[:1])
     model = parallel.place(model)
-    step = parallel.eval_step()
+    step = parallel.eval_step
     totals = None
     for batch in parallel.eval_batches(split, batch_size):
         sums = step(model, batch)

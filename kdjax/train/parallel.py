@@ -324,8 +324,10 @@ class DataParallel:
             valid = (index < split.num_examples) & (index < start + batch_size)
             yield self._batch(split, np.where(valid, index, 0), valid)
 
+    @functools.cached_property
     def eval_step(self) -> Any:
-        """``eval_step(model, batch)`` for placed models and batches; sums over all devices."""
+        """``eval_step(model, batch)`` for placed models and batches; sums over all devices.
+        Built once per layout: every evaluation of a run reuses it."""
         if self.single:
             return eval_step
         if self.mode == "pmap":
