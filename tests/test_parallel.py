@@ -288,6 +288,7 @@ def _student(workdir):
 
 
 STAGE_FIELDS = ("stage", "test_errors")
+CHECKPOINT_OFTEN = ["--config.checkpointing.every_steps=5"]
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +301,7 @@ def one_process(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("two") / "run"
-    outputs = _finish(_two_processes(workdir, extra=["--config.checkpointing.every_steps=5"]))
+    outputs = _finish(_two_processes(workdir, extra=CHECKPOINT_OFTEN))
     return workdir, outputs
 
 
@@ -326,24 +327,34 @@ def test_two_processes_match_one(one_process, two_processes):
     assert len(lines) == 3 * 2  # three stages, two epochs each, written once
 
 
-def test_two_processes_killed_mid_stage_resume_to_the_same_result(two_processes, tmp_path):
-    reference, _ = two_processes
-    workdir = tmp_path / "run"
-    extra = ["--config.checkpointing.every_steps=5"]
-    processes = _two_processes(workdir, extra)
-    progress = workdir / "checkpoints" / "student_scratch" / "progress"
+def _two_processes_until_a_checkpoint(workdir, stage):
+    """Two processes of the job (a checkpoint every 5 steps), returned once ``stage`` has
+    written a verified checkpoint."""
+    processes = _two_processes(workdir, CHECKPOINT_OFTEN)
+    progress = workdir / "checkpoints" / stage / "progress"
     deadline = time.monotonic() + 300
     while not list(progress.glob("*/kdjax-sha256.json")):
         assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
         time.sleep(0.02)
+    return processes
+
+
+def _assert_same_student(workdir, reference):
+    got, want = _student(workdir), _student(reference)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_processes_killed_mid_stage_resume_to_the_same_result(two_processes, tmp_path):
+    reference, _ = two_processes
+    workdir = tmp_path / "run"
+    processes = _two_processes_until_a_checkpoint(workdir, "student_scratch")
     for p in processes:
         p.kill()
         p.communicate()
     assert not (workdir / "results.json").exists()
-    _finish(_two_processes(workdir, extra))
-    got, want = _student(workdir), _student(reference)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    _finish(_two_processes(workdir, CHECKPOINT_OFTEN))
+    _assert_same_student(workdir, reference)
     rows = [json.loads((w / "results.json").read_text())["rows"] for w in (workdir, reference)]
     assert [r["test_errors"] for r in rows[0]] == [r["test_errors"] for r in rows[1]]
 
@@ -363,13 +374,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_processes
     they agree (every 16 steps) and all save the same step and stop; the rerun resumes."""
     reference, _ = two_processes
     workdir = tmp_path / "run"
-    extra = ["--config.checkpointing.every_steps=5"]
-    processes = _two_processes(workdir, extra)
-    progress = workdir / "checkpoints" / "teacher" / "progress"
-    deadline = time.monotonic() + 300
-    while not list(progress.glob("*/kdjax-sha256.json")):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
-        time.sleep(0.02)
+    processes = _two_processes_until_a_checkpoint(workdir, "teacher")
     processes[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [3, 3], [err[-2000:] for _, err in outputs]
@@ -379,10 +384,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_processes
     steps = [err.split("checkpoint saved at step ")[1].split()[0] for _, err in outputs]
     assert steps[0] == steps[1]
     assert not (workdir / "results.json").exists()
-    _finish(_two_processes(workdir, extra))
-    got, want = _student(workdir), _student(reference)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    _finish(_two_processes(workdir, CHECKPOINT_OFTEN))
+    _assert_same_student(workdir, reference)
 
 
 def test_processes_given_different_configs_are_refused_before_any_work(tmp_path):
