@@ -4,6 +4,7 @@ per-stage resume."""
 
 import importlib.util
 import json
+import logging
 import pathlib
 
 import pytest
@@ -86,7 +87,9 @@ def test_a_typo_in_a_method_is_named_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_the_takd_chain_resumes_to_the_same_table(finished, tmp_path, monkeypatch):
+def test_a_run_killed_in_the_takd_chain_resumes_to_the_same_table(
+    finished, tmp_path, monkeypatch, caplog
+):
     """Killed while the TAKD student trains: the rerun reuses the teachers and every finished
     population (no retraining) and ends with the uninterrupted run's numbers."""
     uninterrupted, _ = finished
@@ -102,12 +105,16 @@ def test_a_run_killed_in_the_takd_chain_resumes_to_the_same_table(finished, tmp_
     with pytest.raises(KeyboardInterrupt):
         zoo.reproduce(_smoke(), workdir)
     monkeypatch.setattr(zoo.ZooJob, "method_students", original)
-    resumed = zoo.reproduce(_smoke(), workdir)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdjax"):
+        resumed = zoo.reproduce(_smoke(), workdir)
     for before, after in zip(uninterrupted["rows"], resumed["rows"], strict=True):
         assert before["name"] == after["name"]
         assert before["per_seed"] == after["per_seed"], before["name"]
-    # The finished stages were restored, not retrained: far less time than the first run.
-    assert resumed["wall_time_s"] < 0.6 * uninterrupted["wall_time_s"]
+    # The finished stages were restored, not retrained: the only ones that started from step 0
+    # are the TAKD chain's (a wall-time comparison said the same, but failed on a busy machine).
+    fresh = [r.getMessage() for r in caplog.records if "starting at step 0" in r.getMessage()]
+    assert fresh and all(message.startswith("takd") for message in fresh), fresh
 
 
 @pytest.mark.slow
