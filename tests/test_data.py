@@ -32,6 +32,7 @@ def test_mnist_through_tfds_from_raw_files(mnist):
     assert np.sum(mnist.test.labels == 1) == 1135
 
 
+@pytest.mark.slow
 def test_fashion_mnist_is_not_mnist_in_a_shared_tfds_dir(mnist, tfds_data_dir):
     # TFDS caches manual-dir extractions by file name; mnist and fashion_mnist share names.
     fashion = load_dataset(

@@ -345,6 +345,7 @@ def _assert_same_student(workdir, reference):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_two_processes_killed_mid_stage_resume_to_the_same_result(two_processes, tmp_path):
     reference, _ = two_processes
     workdir = tmp_path / "run"
@@ -369,6 +370,7 @@ def test_population_runners_refuse_more_than_one_device(runner):
     assert f"the {runner} runner trains its vmapped populations on one device" in str(err.value)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_processes, tmp_path):
     """A scheduler's SIGTERM may reach the processes at different steps, or only one of them:
     they agree (every 16 steps) and all save the same step and stop; the rerun resumes."""

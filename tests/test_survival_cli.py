@@ -119,6 +119,7 @@ def _killed_and_resumed(workdir, kills, seed):
         return killed, cut_off_saves
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_bit_identical(reference, tmp_path):
     workdir = tmp_path / "run"
     killed, _ = _killed_and_resumed(workdir, kills=4, seed=0)
