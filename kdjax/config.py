@@ -11,6 +11,8 @@ A kdjax config is an ``ml_collections.ConfigDict``:
 - ``checkpointing``: how often training checkpoints (for resume) are saved, and how many kept.
 - ``on_nonfinite``: ``stop`` or ``skip`` at a NaN/Inf loss or gradient.
 - ``parallel``: which devices, and sharded jit or pmap (:mod:`kdjax.train.parallel`).
+- ``performance``: steps per dispatch, mixed precision and the teacher-logit cache
+  (:func:`performance_config`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from kdjax.models import build_model
 from kdjax.train.loop import ON_NONFINITE
 from kdjax.train.optim import OPTIMIZERS, SCHEDULES
 from kdjax.train.parallel import parallel_config
+from kdjax.train.precision import check_precision
 
 ROLES = ("teacher", "student")
 
@@ -112,10 +115,32 @@ def checkpointing_config(
     )
 
 
+def performance_config(
+    steps_per_dispatch: int = 1, precision: str = "float32", teacher_cache: bool = False
+) -> ml_collections.ConfigDict:
+    """How fast a run computes; none of these changes what it learns beyond float rounding
+    (``benchmarks/kd_speed.py`` measures each; the README's Performance section has figures)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # training steps per call into compiled code (a lax.scan that gathers its own
+            # batches on the device); > 1 pays off for small steps. One device only.
+            steps_per_dispatch=steps_per_dispatch,
+            # float32 | bfloat16: bfloat16 arithmetic, float32 parameters, optimizer state,
+            # batch-norm statistics and losses (kdjax.train.precision)
+            precision=precision,
+            # the distilled student reads the teacher's logits of each training example,
+            # computed once and saved beside the teacher (unaugmented training only)
+            teacher_cache=teacher_cache,
+        )
+    )
+
+
 def survival_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds the fields that make a run survive, ``checkpointing`` and ``on_nonfinite``, and
-    ``parallel``, the devices it runs on (:func:`kdjax.train.parallel.parallel_config`)."""
+    """Adds the fields that make a run survive, ``checkpointing`` and ``on_nonfinite``;
+    ``parallel``, the devices it runs on (:func:`kdjax.train.parallel.parallel_config`); and
+    ``performance`` (:func:`performance_config`)."""
     config.parallel = parallel_config()
+    config.performance = performance_config()
     config.checkpointing = checkpointing_config()
     # stop: a NaN/Inf loss or gradient ends the run, naming the term (the last checkpoint is
     # kept); skip: such steps are left out and counted.
@@ -262,6 +287,42 @@ def check_config_fits_data(config: Mapping[str, Any], dataset: Dataset) -> None:
             raise ConfigError(
                 f"{role}.batch_size={batch_size} is larger than the {len(dataset.train)} training "
                 f"examples of {dataset.name!r}: lower it."
+            )
+
+
+def check_performance(config: Mapping[str, Any], *, runner: str = "pipeline") -> None:
+    """Raises :class:`ConfigError` for a ``performance`` section kdjax cannot use."""
+    section = config.get("performance", {})
+    unknown = sorted(set(section) - set(performance_config()))
+    if unknown:
+        raise ConfigError(
+            f"performance.{unknown[0]}: no such field; the fields are "
+            f"{', '.join(performance_config())}."
+        )
+    if "steps_per_dispatch" in section:
+        _positive_int(config, "performance.steps_per_dispatch")
+    precision = check_precision(section.get("precision", "float32"))
+    cache = section.get("teacher_cache", False)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"performance.teacher_cache={cache!r} must be true or false.")
+    if runner != "pipeline" and (precision != "float32" or cache):
+        raise ConfigError(
+            f"performance.precision={precision!r}, teacher_cache={cache}: the {runner} runner "
+            "trains float32 populations and computes its teachers' logits once already; leave "
+            "them at float32 and false, or use the pipeline runner."
+        )
+    if cache:
+        augmented = [
+            f"student.{field}={config['student'][field]}"
+            for field in ("max_shift", "crop_flip_pad")
+            if config["student"].get(field, 0)
+        ]
+        if augmented:
+            raise ConfigError(
+                f"performance.teacher_cache=true with {', '.join(augmented)}: a cached logit is "
+                "the teacher's output for the unaugmented image, but an augmented student must "
+                "be taught on the view it sees. Set teacher_cache=false, or turn the student's "
+                "augmentation off."
             )
 
 

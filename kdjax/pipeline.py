@@ -26,7 +26,12 @@ import jax.numpy as jnp
 
 from kdjax import checkpoint, distributed
 from kdjax import workdir as workdirs
-from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
+from kdjax.config import (
+    check_config_fits_data,
+    check_models_fit_data,
+    check_performance,
+    validate_config,
+)
 from kdjax.data import Dataset, DeviceSplit, load_dataset
 from kdjax.errors import ConfigError
 from kdjax.io import (
@@ -48,7 +53,8 @@ from kdjax.train import (
 )
 from kdjax.train.parallel import DataParallel, check_parallel_config
 from kdjax.train.resume import TrainCheckpoints
-from kdjax.train.steps import augment_options
+from kdjax.train.steps import augment_options, distill_from_logits_step
+from kdjax.train.teacher_cache import cached_teacher_logits
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,9 @@ class _Run:
         self.example_images = self.dataset.train.images[:1]
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         self.parallel = DataParallel.from_config(self.config.get("parallel"))
+        performance = self.config.get("performance", {})
+        self.precision = performance.get("precision", "float32")
+        self.steps_per_dispatch = performance.get("steps_per_dispatch", 1)
 
     def _log_metrics(self, stage: str, record: dict[str, Any]) -> None:
         if distributed.is_primary():
@@ -138,9 +147,11 @@ class _Run:
         key: jax.Array,
         step: Any,
         operands: Mapping[str, Any] | None = None,
+        train: DeviceSplit | None = None,
     ) -> StageOutcome:
         """Initialises ``model`` from ``key``; trains it with ``step`` (its array arguments in
-        ``operands``) per ``config[role]``, on every device of the run.
+        ``operands``) per ``config[role]``, on every device of the run, on ``train`` (the
+        training split, by default; with teacher logits for a cached teacher).
 
         A stage that a resumed run had finished is restored, not retrained; one it had begun
         continues from its last checkpoint (``checkpoints/<stage>/progress``).
@@ -163,8 +174,8 @@ class _Run:
         progress = training_checkpoints(self.config, os.path.join(directory, "progress"))
         augmentation = augment_options(stage_config, self.dataset.padding_value)
         result = fit(
-            create_train_state(model, variables, tx, dropout_key),
-            self.train,
+            create_train_state(model, variables, tx, dropout_key, self.precision),
+            train or self.train,
             self.parallel.compile_step(step, operands, **augmentation),
             epochs=stage_config["epochs"],
             batch_size=stage_config["batch_size"],
@@ -175,6 +186,7 @@ class _Run:
             on_start=lambda history: self._restart_metrics(stage, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
             parallel=self.parallel,
+            steps_per_dispatch=self.steps_per_dispatch if self.parallel.single else 1,
         )
         outcome = StageOutcome(
             result.state.frozen(),
@@ -214,7 +226,7 @@ class _Run:
         saved = checkpoint.read_metadata(directory)
         logger.info("Reusing the finished %s in %s.", saved.get("stage", "model"), directory)
         return StageOutcome(
-            FrozenModel(model.apply, variables),
+            FrozenModel(model.apply, variables, precision=self.precision),
             saved.get("wall_time_s", 0.0),
             saved.get("examples_per_s"),
             saved.get("epochs", 0),
@@ -225,6 +237,37 @@ class _Run:
         """A teacher from another run: used as it is, its training not counted in this one."""
         outcome = self._restore_stage(model, directory, jax.random.split(key)[0])
         return dataclasses.replace(outcome, wall_time_s=0.0, examples_per_s=None, epochs=0)
+
+    def distill(
+        self,
+        model: nn.Module,
+        key: jax.Array,
+        teacher: StageOutcome,
+        teacher_dir: str,
+    ) -> StageOutcome:
+        """The distilled student: from the teacher at every step, or, with
+        ``performance.teacher_cache``, from its logits computed once (and saved beside it)."""
+        soft_targets = {
+            "temperature": jnp.float32(self.config["student"]["temperature"]),
+            "alpha": jnp.float32(self.config["student"]["alpha"]),
+        }
+        stage = "student_distilled"
+        if not self.config.get("performance", {}).get("teacher_cache", False):
+            soft_targets["teacher"] = teacher.model
+            return self.train_model("student", stage, model, key, distill_step, soft_targets)
+        own = os.path.join(self.workdir, "checkpoints", "teacher")
+        logits = cached_teacher_logits(
+            teacher.model,
+            self.train,
+            read_from=list(dict.fromkeys([teacher_dir, own])),
+            write_to=own,
+            batch_size=self.config["eval_batch_size"],
+            parallel=self.parallel,
+        )
+        train = DeviceSplit(self.dataset.train, logits)
+        return self.train_model(
+            "student", stage, model, key, distill_from_logits_step, soft_targets, train
+        )
 
     def result_row(self, stage: str, role: str, outcome: StageOutcome) -> dict[str, Any]:
         scores = evaluate(outcome.model, self.test, self.config["eval_batch_size"], self.parallel)
@@ -288,10 +331,12 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
         )
     validate_config(config)
     check_parallel_config(config.get("parallel", {}))
+    check_performance(config)
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, keep=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)
+    teacher_dir = os.path.join(workdir, "checkpoints", "teacher")
     if teacher_checkpoint:
         teacher_model, teacher_dir = _load_teacher(config, dataset)
     else:
@@ -315,14 +360,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     else:
         teacher = job.train_model("teacher", "teacher", teacher_model, teacher_key, train_step)
     scratch = job.train_model("student", "student_scratch", student_model, student_key, train_step)
-    soft_targets = {
-        "teacher": teacher.model,
-        "temperature": jnp.float32(config["student"]["temperature"]),
-        "alpha": jnp.float32(config["student"]["alpha"]),
-    }
-    distilled = job.train_model(
-        "student", "student_distilled", student_model, student_key, distill_step, soft_targets
-    )
+    distilled = job.distill(student_model, student_key, teacher, teacher_dir)
 
     rows = [
         job.result_row("teacher (reused)" if teacher_checkpoint else "teacher", "teacher", teacher),

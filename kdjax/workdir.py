@@ -26,9 +26,16 @@ logger = logging.getLogger(__name__)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "results.json", "results.md")
 CONFIG = "config.json"
 RESULTS = "results.json"
-# Config fields an unfinished run may be resumed with changed: they decide how it is kept or on
-# which devices it runs, not what it computes (a run preempted on 8 GPUs may resume on 4).
-RESUMABLE_CHANGES = ("checkpointing", "on_nonfinite", "parallel")
+# Config fields an unfinished run may be resumed with changed: they decide how it is kept, on
+# which devices and how fast it runs, not what it computes (a run preempted on 8 GPUs may
+# resume on 4). performance.precision is not among them: it changes the arithmetic.
+RESUMABLE_CHANGES = (
+    "checkpointing",
+    "on_nonfinite",
+    "parallel",
+    "performance.steps_per_dispatch",
+    "performance.teacher_cache",
+)
 
 
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:

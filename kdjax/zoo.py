@@ -37,7 +37,12 @@ import numpy as np
 
 from kdjax import scores
 from kdjax import workdir as workdirs
-from kdjax.config import check_config_fits_data, check_models_fit_data, validate_config
+from kdjax.config import (
+    check_config_fits_data,
+    check_models_fit_data,
+    check_performance,
+    validate_config,
+)
 from kdjax.data import Dataset, load_dataset
 from kdjax.distillers import DistillerSpec, TrainingSet, build_distiller
 from kdjax.errors import ConfigError
@@ -299,6 +304,7 @@ def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = Fals
     """The ``zoo`` runner: checks everything (config, methods, data, models), then :func:`run`."""
     validate(config)
     check_one_device_runner(config.get("parallel"), "zoo")
+    check_performance(config, runner="zoo")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, may_differ=("results_dir",))
     dataset = load_dataset(config["dataset"])
     check_config_fits_data(config, dataset)

@@ -29,14 +29,15 @@ class Batch(TypedDict):
     teacher_logits: NotRequired[jax.Array]  # [batch, classes], when the split carries them
 
 
-@jax.jit
-def _gather(
+def gather_batch(
     images: jax.Array,
     labels: jax.Array,
     teacher_logits: jax.Array | None,
     index: jax.Array,
     mask: jax.Array,
 ) -> Batch:
+    """The batch of rows ``index`` (``[batch]``, or ``[members, batch]`` for a population);
+    traceable, so a multi-step dispatch gathers each step's batch inside its compiled loop."""
     mask = jnp.broadcast_to(mask, index.shape)
     batch = Batch(image=images[index], label=labels[index], mask=mask, index=index)
     if teacher_logits is not None:
@@ -45,6 +46,9 @@ def _gather(
         else:
             batch["teacher_logits"] = teacher_logits[index]
     return batch
+
+
+_gather = jax.jit(gather_batch)
 
 
 def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -64,6 +68,8 @@ class DeviceSplit:
         self.images = jax.device_put(split.images)
         self.labels = jax.device_put(split.labels)
         self.teacher_logits = None if teacher_logits is None else jax.device_put(teacher_logits)
+        # Host copy, for batches gathered per process (many devices).
+        self.host_teacher_logits = None if teacher_logits is None else np.asarray(teacher_logits)
         if self.teacher_logits is not None and self.teacher_logits.shape[-2] != len(split):
             raise ValueError(
                 f"teacher_logits {self.teacher_logits.shape} must have {len(split)} examples"
@@ -89,6 +95,34 @@ class DeviceSplit:
         for step in range(start, self.steps_per_epoch(batch_size)):
             index = order[..., step * batch_size : (step + 1) * batch_size].astype(np.int32)
             yield _gather(self.images, self.labels, self.teacher_logits, index, mask)
+
+    def train_index_chunks(
+        self,
+        batch_size: int,
+        *,
+        seed: int | Sequence[int],
+        epoch: int,
+        start: int = 0,
+        chunk: int = 1,
+    ) -> Iterator[np.ndarray]:
+        """The row indices of :meth:`train_batches`, ``chunk`` steps at a time:
+        ``[steps, batch]`` (``[steps, members, batch]`` for a population) int32 arrays.
+
+        Chunks end at multiples of ``chunk`` steps into the epoch (and at its end), so a run
+        resumed mid-epoch falls back in step with an uninterrupted one after one short chunk.
+        """
+        seeds = [seed] if isinstance(seed, int | np.integer) else list(seed)
+        order = np.stack([epoch_order(self.num_examples, seed=s, epoch=epoch) for s in seeds])
+        if isinstance(seed, int | np.integer):
+            order = order[0]
+        steps = self.steps_per_epoch(batch_size)
+        step = start
+        while step < steps:
+            stop = min((step // chunk + 1) * chunk, steps)
+            rows = order[..., step * batch_size : stop * batch_size]
+            rows = rows.reshape(*rows.shape[:-1], stop - step, batch_size)
+            yield np.moveaxis(rows, -2, 0).astype(np.int32)
+            step = stop
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every example once, in order; the last batch is padded and its padding masked."""

@@ -42,6 +42,7 @@ from kdjax import workdir as workdirs
 from kdjax.config import (
     check_config_fits_data,
     check_models_fit_data,
+    check_performance,
     check_temperature,
     validate_config,
 )
@@ -145,6 +146,7 @@ class Reproduction:
             checkpoints=self.progress(name),
             on_start=lambda history: replace_stage_lines(self.metrics_path, name, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
+            steps_per_dispatch=self.config.get("performance", {}).get("steps_per_dispatch", 1),
         )
 
     def _fit(self, name, role, model, split, seeds, keys, step_fn) -> Population:
@@ -514,6 +516,7 @@ def reproduce(config: Mapping[str, Any], workdir: str, *, overwrite: bool = Fals
     """The ``hinton2015`` runner: checks everything, then :func:`run`."""
     validate(config)
     check_one_device_runner(config.get("parallel"), "hinton2015")
+    check_performance(config, runner="hinton2015")
     # A finished reproduction is never replaced unless asked; an unfinished one of the same
     # config (its parts may differ) is continued in place: its teachers are reused and every
     # population resumes from its last checkpoint.

@@ -16,6 +16,7 @@ step) are all restored or derived. A SIGTERM/SIGINT under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kdjax.data.batching import Batch, DeviceSplit
+from kdjax.data.batching import Batch, DeviceSplit, gather_batch
 from kdjax.errors import ConfigError, Interrupted, NonFiniteError
 from kdjax.train import preemption
 from kdjax.train.parallel import DataParallel, to_host
@@ -47,6 +48,9 @@ ON_NONFINITE = ("stop", "skip")
 # Metrics that are not loss terms: never named as the term that went non-finite.
 _NOT_TERMS = ("accuracy", "teacher_agreement", "nonfinite")
 _CHECK_EVERY = 16  # steps between reads of the non-finite count (stop mode)
+# A dispatch: (steps it runs, a function from the state to (new state, metrics)); the metrics
+# of a multi-step dispatch are stacked, one row per step.
+Dispatch = tuple[int, Callable[[TrainState], tuple[TrainState, Metrics]]]
 
 
 @dataclasses.dataclass
@@ -70,6 +74,59 @@ def _accumulate(sums: Metrics, metrics: Metrics) -> Metrics:
     }
 
 
+@jax.jit
+def _accumulate_steps(sums: Metrics, metrics: Metrics) -> Metrics:
+    """:func:`_accumulate` of every row of a multi-step dispatch's stacked metrics."""
+    applied = metrics["nonfinite"] == 0
+    return {
+        k: sums[k] + jnp.sum(v if k == "nonfinite" else jnp.where(applied, v, 0.0), axis=0)
+        for k, v in metrics.items()
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _run_steps(
+    step: Callable[..., tuple[TrainState, Metrics]],
+    static: tuple[tuple[str, Any], ...],
+    state: TrainState,
+    operands: dict[str, Any],
+    images: jax.Array,
+    labels: jax.Array,
+    teacher_logits: jax.Array | None,
+    indices: jax.Array,
+) -> tuple[TrainState, Metrics]:
+    """``len(indices)`` steps of ``step(state, batch, **operands, **static)`` in one compiled
+    ``lax.scan``, each gathering its batch from the split on the device: the host dispatches
+    once per chunk, not once per step (what a small step's throughput is bound by). Exactly
+    the steps a one-step loop runs."""
+    mask = jnp.ones(indices.shape[-1], dtype=bool)
+
+    def one_step(state: TrainState, index: jax.Array) -> tuple[TrainState, Metrics]:
+        batch = gather_batch(images, labels, teacher_logits, index, mask)
+        return step(state, batch, **operands, **dict(static))
+
+    return jax.lax.scan(one_step, state, indices)
+
+
+def _split_operands(step_fn: StepFn) -> tuple[Callable, tuple, dict[str, Any]]:
+    """(step, its static keywords, its array keywords) of a step function.
+
+    A ``functools.partial`` of a step (what :meth:`DataParallel.compile_step` makes) has its
+    arrays (the teacher, the temperature) passed to :func:`_run_steps` as arguments; anything
+    else is called as it is, and the arrays it closes over are compiled in as constants.
+    """
+    if not isinstance(step_fn, functools.partial) or step_fn.args:
+        return step_fn, (), {}
+    arrays, static = {}, []
+    for name, value in step_fn.keywords.items():
+        leaves = jax.tree_util.tree_leaves(value)
+        if leaves and all(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves):
+            arrays[name] = value
+        else:
+            static.append((name, value))
+    return step_fn.func, tuple(sorted(static, key=lambda item: item[0])), arrays
+
+
 def fit(
     state: TrainState,
     train_split: DeviceSplit,
@@ -84,6 +141,7 @@ def fit(
     on_start: StartCallback | None = None,
     on_nonfinite: str = "stop",
     parallel: DataParallel | None = None,
+    steps_per_dispatch: int = 1,
 ) -> FitResult:
     """Runs ``epochs`` epochs of ``step_fn`` over shuffled batches of ``train_split``.
 
@@ -97,6 +155,9 @@ def fit(
       parallel: the devices to train on (None: one). ``step_fn`` must then be compiled for
         them (:meth:`DataParallel.compile_step`); ``state`` is placed here, and the returned
         state is laid out as checkpoints store it.
+      steps_per_dispatch: steps run per call into compiled code (a ``lax.scan`` that also
+        gathers the batches); one device in one process only. Results are those of one step
+        per dispatch; checkpoints, signals and the non-finite check act between dispatches.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ConfigError(
@@ -106,9 +167,24 @@ def fit(
     total_steps = epochs * steps_per_epoch
     members = 1 if isinstance(seed, int | np.integer) else len(seed)
     parallel = parallel or DataParallel(jax.devices()[:1])
+    _check_steps_per_dispatch(steps_per_dispatch, parallel)
 
     def batches(epoch: int, start: int = 0) -> Iterator[Batch]:
         return parallel.train_batches(train_split, batch_size, seed=seed, epoch=epoch, start=start)
+
+    def dispatches(epoch: int, start: int) -> Iterator[Dispatch]:
+        if steps_per_dispatch == 1:
+            for batch in batches(epoch, start):
+                yield 1, functools.partial(_one_step, step_fn, batch)
+            return
+        chunks = train_split.train_index_chunks(
+            batch_size, seed=seed, epoch=epoch, start=start, chunk=steps_per_dispatch
+        )
+        for indices in chunks:
+            yield (
+                len(indices),
+                functools.partial(_chunk_steps, step_fn, train_split, jnp.asarray(indices)),
+            )
 
     state = parallel.place(state)
     metric_shapes = jax.eval_shape(step_fn, state, next(batches(0)))[1]
@@ -152,22 +228,24 @@ def fit(
             epoch, offset = divmod(progress.step, steps_per_epoch)
             if offset == 0:
                 sums = zero_sums()
-            for batch in batches(epoch, offset):
-                state, metrics = step_fn(state, batch)
-                sums = _accumulate(sums, metrics)
-                progress.step += 1
+            for steps, run in dispatches(epoch, offset):
+                state, metrics = run(state)
+                sums = (_accumulate if steps == 1 else _accumulate_steps)(sums, metrics)
+                before, progress.step = progress.step, progress.step + steps
                 if on_nonfinite == "stop":
-                    pending.append((progress.step, metrics))
-                    if len(pending) >= _CHECK_EVERY:
+                    pending.append((progress.step, metrics, steps))
+                    if sum(n for _, _, n in pending) >= _CHECK_EVERY:
                         check_finite()
                 if steady_start is None:
                     jax.block_until_ready(state)
                     steady_start = time.perf_counter()
                 else:
-                    progress.steady_examples += batch_size * members
+                    progress.steady_examples += steps * batch_size * members
                 if progress.step % steps_per_epoch == 0:
                     break  # the epoch's last step: saved below, with the epoch's record
-                interrupted, due = _stop_or_save(progress.step, checkpoints, epoch_end=False)
+                interrupted, due = _stop_or_save(
+                    progress.step, checkpoints, epoch_end=False, since=before
+                )
                 if interrupted or due:
                     check_finite()
                     save()
@@ -205,18 +283,48 @@ def fit(
     )
 
 
+def _one_step(step_fn: StepFn, batch: Batch, state: TrainState) -> tuple[TrainState, Metrics]:
+    return step_fn(state, batch)
+
+
+def _chunk_steps(
+    step_fn: StepFn, split: DeviceSplit, indices: jax.Array, state: TrainState
+) -> tuple[TrainState, Metrics]:
+    step, static, operands = _split_operands(step_fn)
+    return _run_steps(
+        step, static, state, operands, split.images, split.labels, split.teacher_logits, indices
+    )
+
+
+def _check_steps_per_dispatch(steps_per_dispatch: Any, parallel: DataParallel) -> None:
+    if isinstance(steps_per_dispatch, bool) or not isinstance(steps_per_dispatch, int | np.integer):
+        raise ConfigError(f"steps_per_dispatch={steps_per_dispatch!r} must be a whole number >= 1.")
+    if steps_per_dispatch < 1:
+        raise ConfigError(
+            f"steps_per_dispatch={steps_per_dispatch} must be >= 1 (1: one step per call)."
+        )
+    if steps_per_dispatch > 1 and not parallel.single:
+        raise ConfigError(
+            f"steps_per_dispatch={steps_per_dispatch} runs on one device in one process; with "
+            f"{len(parallel.devices)} devices set steps_per_dispatch=1 (each step of a "
+            "many-device run is already large) or parallel.devices=1."
+        )
+
+
 def _stop_or_save(
-    step: int, checkpoints: TrainCheckpoints | None, *, epoch_end: bool
+    step: int, checkpoints: TrainCheckpoints | None, *, epoch_end: bool, since: int | None = None
 ) -> tuple[bool, bool]:
     """(stop for a signal, save a checkpoint) after ``step``.
 
     The processes of a multi-process job must save and stop at the same step (a save is a
     collective): they compare their signals and clocks every few steps and at each epoch's
-    end (one small all-gather), and between those save only by step count.
+    end (one small all-gather), and between those save only by step count. ``since``: the
+    step before this dispatch (one dispatch may run several steps; a save falls due if any of
+    them was due).
     """
     interrupted = preemption.requested() is not None
     if jax.process_count() == 1:
-        return interrupted, checkpoints is not None and checkpoints.due(step)
+        return interrupted, checkpoints is not None and checkpoints.due(step, since=since)
     if not epoch_end and step % _CHECK_EVERY:
         return False, checkpoints is not None and checkpoints.due(step, by_time=False)
     due = checkpoints is not None and checkpoints.due(step)
@@ -245,7 +353,7 @@ def _as_python(value: np.ndarray) -> Any:
 
 
 def _check_finite(
-    pending: list[tuple[int, Metrics]],
+    pending: list[tuple[int, Metrics, int]],
     sums: Metrics,
     name: str,
     members: int,
@@ -253,14 +361,22 @@ def _check_finite(
 ) -> None:
     """Raises :class:`NonFiniteError` for the first step in ``pending`` that went non-finite;
     empties ``pending`` otherwise. ``sums`` (this epoch's, which include every pending step)
-    say with one read whether any did."""
+    say with one read whether any did. An entry is (the step after it, its metrics, how many
+    steps it ran: their metrics are stacked when more than one)."""
     if not pending:
         return
     if not np.any(to_host(sums["nonfinite"])):
         pending.clear()
         return
-    step, metrics = next((s, m) for s, m in pending if np.any(to_host(m["nonfinite"])))
-    values = {k: np.atleast_1d(v) for k, v in to_host(metrics).items()}
+    last, metrics, steps = next(p for p in pending if np.any(to_host(p[1]["nonfinite"])))
+    values = to_host(metrics)
+    step = last
+    if steps > 1:  # the first row of the dispatch that went non-finite
+        flags = np.asarray(values["nonfinite"]).reshape(steps, -1)
+        row = int(np.flatnonzero(np.any(flags, axis=1))[0])
+        step = last - steps + 1 + row
+        values = {k: v[row] for k, v in values.items()}
+    values = {k: np.atleast_1d(v) for k, v in values.items()}
     member = int(np.flatnonzero(values["nonfinite"])[0])
     bad = [
         k

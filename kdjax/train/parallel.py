@@ -269,9 +269,10 @@ class DataParallel:
 
     def _batch(self, split: DeviceSplit, index: np.ndarray, valid: np.ndarray) -> Batch:
         """The global batch of ``index`` (padded rows: ``valid`` false), laid out for the step."""
-        if split.teacher_logits is not None:
+        logits = split.host_teacher_logits
+        if logits is not None and logits.ndim != 2:
             raise ConfigError(
-                "precomputed teacher logits are served on one device only: set "
+                "a population's teacher logits are served on one device only: set "
                 "parallel.devices=1 for this runner."
             )
         rows = self._local_rows(len(index))
@@ -282,6 +283,8 @@ class DataParallel:
             "mask": valid[rows],
             "index": local_index.astype(np.int32),
         }
+        if logits is not None:  # keyed by example index, like the images
+            local["teacher_logits"] = logits[local_index]
         if self.mode == "pmap":
             return jax.tree_util.tree_map(
                 lambda x: x.reshape(self.num_devices, -1, *x.shape[1:]), local

@@ -121,6 +121,48 @@ def population_distill_from_logits_step(
     return jax.vmap(distill_from_logits_step)(states, batches, temperatures, alphas)
 
 
+MEMBER_LOOPS = ("vmap", "map")
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="loop")
+def shared_teacher_distill_step(
+    states: TrainState,
+    batch: Batch,
+    teacher: FrozenModel,
+    temperatures: jax.Array,
+    alphas: jax.Array,
+    *,
+    loop: str = "vmap",
+) -> tuple[TrainState, Metrics]:
+    """Every member distilled on the *same* ``batch`` (no member axis) from *one* teacher pass.
+
+    :func:`population_distill_step` gives each member its own batch order and its own teacher,
+    so it runs the teacher once per member; students that share a teacher and a batch (a
+    temperature or alpha sweep, several seeds of one student) need it once. Member ``m`` gets
+    exactly :func:`~kdjax.train.steps.distill_step` of ``states[m]`` with ``temperatures[m]``
+    and ``alphas[m]``. Unaugmented only: augmented members would each need their own view, and
+    so their own teacher pass.
+
+    ``loop`` (static): how the members' updates run inside the one compiled step. ``vmap``
+    batches them (matmuls become batched matmuls, convolutions grouped ones): best where
+    grouped convolutions are fast (GPU, TPU) and for MLPs. ``map`` runs them one after another
+    (``lax.map``): XLA's CPU grouped convolutions are slow, so CNN members are faster so.
+    """
+    teacher_logits = teacher(batch["image"])[0]
+    with_logits = Batch(**batch, teacher_logits=teacher_logits)
+    if loop == "vmap":
+        step = jax.vmap(distill_from_logits_step, in_axes=(0, None, 0, 0))
+        return step(states, with_logits, temperatures, alphas)
+    if loop != "map":
+        raise ValueError(f"loop={loop!r} must be one of {', '.join(MEMBER_LOOPS)}")
+
+    def one(member: tuple[TrainState, jax.Array, jax.Array]) -> tuple[TrainState, Metrics]:
+        state, temperature, alpha = member
+        return distill_from_logits_step(state, with_logits, temperature, alpha)
+
+    return jax.lax.map(one, (states, temperatures, alphas))
+
+
 @functools.partial(jax.jit, static_argnames="members")
 def _logits(model: FrozenModel, images: jax.Array, members: bool) -> jax.Array:
     def apply(variables: Any) -> jax.Array:

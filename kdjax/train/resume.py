@@ -201,10 +201,12 @@ class TrainCheckpoints:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def due(self, step: int, *, by_time: bool = True) -> bool:
+    def due(self, step: int, *, by_time: bool = True, since: int | None = None) -> bool:
         """Whether the loop saves after ``step`` (besides the last step and interruptions).
-        ``by_time=False``: only by steps (the same in every process of a job)."""
-        if self.every_steps and step % self.every_steps == 0:
+        ``by_time=False``: only by steps (the same in every process of a job). ``since``: the
+        step before the last dispatch, which may have run several; due if any of them was."""
+        since = step - 1 if since is None else since
+        if self.every_steps and step // self.every_steps > since // self.every_steps:
             return True
         return (
             by_time

@@ -31,6 +31,7 @@ from kdjax.data.batching import Batch
 from kdjax.losses import cross_entropy, soft_kl
 from kdjax.losses.classification import masked_mean, mix_hard_soft
 from kdjax.models.norm import batch_statistics
+from kdjax.train.precision import for_compute
 from kdjax.train.state import FrozenModel, TrainState
 
 Metrics = dict[str, jax.Array]
@@ -69,8 +70,10 @@ def forward_train(
     """The student's training-mode forward pass: ``((logits, features), new batch_stats)``.
 
     Batch-norm statistics are over the batch's valid rows (``mask``), and over every device of
-    ``axis_name`` under ``pmap`` (:mod:`kdjax.models.norm`).
+    ``axis_name`` under ``pmap`` (:mod:`kdjax.models.norm`). The arithmetic is
+    ``state.precision``'s (:mod:`kdjax.train.precision`).
     """
+    params, images = for_compute(params, images, state.precision)
     with batch_statistics(mask=mask, axis_name=axis_name):
         outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
@@ -89,13 +92,12 @@ CropFlip = tuple[int, tuple[float, ...]] | None
 def augment_options(stage: Any, padding_value: tuple[float, ...] | None = None) -> dict[str, Any]:
     """The static augmentation arguments of a stage config: ``max_shift`` (jitter, pixels) and,
     for ``crop_flip_pad > 0``, ``crop_flip`` with the dataset's ``padding_value`` (a black
-    pixel after its normalisation) as the fill."""
+    pixel after its normalisation) as the fill. Only the augmentations that are on are named,
+    so a step without augmentation arguments (the cached-teacher one) takes the result too."""
     pad = int(stage.get("crop_flip_pad", 0))
+    shift = int(stage.get("max_shift", 0))
     fill = tuple(float(v) for v in padding_value) if padding_value is not None else (0.0,)
-    return {
-        "max_shift": int(stage.get("max_shift", 0)),
-        "crop_flip": (pad, fill) if pad > 0 else None,
-    }
+    return ({"max_shift": shift} if shift else {}) | ({"crop_flip": (pad, fill)} if pad else {})
 
 
 def _training_images(
