@@ -12,9 +12,9 @@ the step's own, with no input pipeline):
 - ``W3``: resnet56 -> resnet20, batch 64, T=4.
 - ``W4``: an ensemble of three resnet32x4 -> resnet8x4 (averaged tempered probabilities).
 - ``W5``: W2's teacher and 8 resnet8x4 students at once, one teacher pass
-  (:func:`kdjax.train.population.shared_teacher_distill_step`), the students run one after
-  another in the same compiled step (``lax.map``) and, on an accelerator (or with
-  ``--w5-vmap``), vmapped; against 1 student through the same function.
+  (:func:`kdjax.train.population.shared_teacher_distill_step`), the students' updates unrolled
+  one after another in the same compiled step and, on an accelerator (or with ``--w5-vmap``),
+  vmapped (``--w5-map``: through ``lax.map``); against 1 student through the same function.
 - ``--xla-sweep``: W2's jax step again under each of XLA's CPU backend options in
   :data:`XLA_SWEEP` (oneDNN, XNNPACK, threading, code generation).
 - ``epoch``: W1 trained end to end by :func:`kdjax.train.fit` (on-device data, shuffling and
@@ -446,6 +446,12 @@ def main() -> None:
         help="also time W2's jax step under each of XLA's CPU backend options in XLA_SWEEP "
         "(the attempts at closing the convolution gap; about 2 minutes)",
     )
+    parser.add_argument(
+        "--w5-map",
+        action="store_true",
+        help="also time W5 with the students in a lax.map (very slow on a CPU: XLA runs "
+        "convolutions inside loops many times slower)",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -483,9 +489,11 @@ def main() -> None:
             continue
         steps, repeats = timing[name]
         if name == "W5":
-            variants = [("lax.map", 8, "map"), ("1 student", 1, "map")]
+            variants = [("unrolled", 8, "unroll"), ("1 student", 1, "unroll")]
             if platform != "cpu" or args.w5_vmap:
                 variants.insert(0, ("vmap", 8, "vmap"))
+            if args.w5_map:
+                variants.append(("lax.map", 8, "map"))
             for variant, members, loop in variants:
                 worker = ["jax", name, str(steps), str(repeats), str(members), loop]
                 row = spawn(worker, 1800)
@@ -550,7 +558,7 @@ def summarize(rows: list[dict], peak_gflops: float) -> str:
             for key, other in (("vs_torch_eager", eager), ("vs_torch_compile", compiled)):
                 if other and "error" not in other:
                     r[key] = r["examples_per_s"] / other["examples_per_s"]
-        if r["workload"] == "W5" and r["variant"] in ("vmap", "lax.map"):
+        if r["workload"] == "W5" and r["variant"] in ("vmap", "unrolled", "lax.map"):
             one = by.get(("W5", "jax", "1 student"))
             if one and "error" not in one:
                 r["cost_vs_one_student"] = r["step_s"] / one["step_s"]
@@ -573,7 +581,7 @@ def summarize(rows: list[dict], peak_gflops: float) -> str:
             f"{_ratio(counted_vs_xla)} |"
         )
     notes = []
-    for variant, label in (("vmap", "vmap"), ("lax.map", "lax.map")):
+    for variant, label in (("vmap", "vmap"), ("unrolled", "unrolled"), ("lax.map", "lax.map")):
         r = by.get(("W5", "jax", variant), {})
         if "cost_vs_one_student" in r:
             notes.append(

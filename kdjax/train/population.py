@@ -121,7 +121,7 @@ def population_distill_from_logits_step(
     return jax.vmap(distill_from_logits_step)(states, batches, temperatures, alphas)
 
 
-MEMBER_LOOPS = ("vmap", "map")
+MEMBER_LOOPS = ("vmap", "unroll", "map")
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="loop")
@@ -145,14 +145,28 @@ def shared_teacher_distill_step(
 
     ``loop`` (static): how the members' updates run inside the one compiled step. ``vmap``
     batches them (matmuls become batched matmuls, convolutions grouped ones): best where
-    grouped convolutions are fast (GPU, TPU) and for MLPs. ``map`` runs them one after another
-    (``lax.map``): XLA's CPU grouped convolutions are slow, so CNN members are faster so.
+    grouped convolutions are fast (GPU, TPU) and for MLPs. ``unroll`` writes one update per
+    member into the program, one after another: CNN members on a CPU, where XLA's grouped
+    convolutions are slow (compile time grows with the member count). ``map`` runs them
+    through ``lax.map`` (one compiled body): the smallest program, but on XLA's CPU backend
+    convolutions inside its loop run many times slower than the same ones outside it.
     """
     teacher_logits = teacher(batch["image"])[0]
     with_logits = Batch(**batch, teacher_logits=teacher_logits)
     if loop == "vmap":
         step = jax.vmap(distill_from_logits_step, in_axes=(0, None, 0, 0))
         return step(states, with_logits, temperatures, alphas)
+    if loop == "unroll":
+        members = [
+            distill_from_logits_step(
+                jax.tree_util.tree_map(lambda x, m=m: x[m], states),
+                with_logits,
+                temperatures[m],
+                alphas[m],
+            )
+            for m in range(temperatures.shape[0])
+        ]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *members)
     if loop != "map":
         raise ValueError(f"loop={loop!r} must be one of {', '.join(MEMBER_LOOPS)}")
 
