@@ -137,9 +137,20 @@ def test_an_interrupted_multi_step_fit_resumes_to_the_uninterrupted_model(
     """Stopped after the 3rd dispatch (step 12 of 44), with saves due every 5 steps (which no
     dispatch of 4 ends on: a save falls due when a dispatch passes a multiple)."""
     split, step = DeviceSplit(digits.train), functools.partial(train_step, max_shift=1)
-    uninterrupted = fit(
-        _state(digits), split, step, epochs=EPOCHS, batch_size=BATCH, seed=0, steps_per_dispatch=4
-    )
+
+    def run(checkpoints=None):
+        return fit(
+            _state(digits),
+            split,
+            step,
+            epochs=EPOCHS,
+            batch_size=BATCH,
+            seed=0,
+            checkpoints=checkpoints,
+            steps_per_dispatch=4,
+        )
+
+    uninterrupted = run()
     real, calls = loop_module._chunk_steps, []
 
     def interrupting(*args):
@@ -152,29 +163,11 @@ def test_an_interrupted_multi_step_fit_resumes_to_the_uninterrupted_model(
     directory = str(tmp_path / "ckpt")
     checkpoints = TrainCheckpoints(directory, every_steps=5)
     with pytest.raises(Interrupted, match="checkpoint saved at step 12"):
-        fit(
-            _state(digits),
-            split,
-            step,
-            epochs=EPOCHS,
-            batch_size=BATCH,
-            seed=0,
-            checkpoints=checkpoints,
-            steps_per_dispatch=4,
-        )
+        run(checkpoints)
     assert checkpoints.verified_steps() == [8, 12]  # 8: the dispatch that passed step 5
     monkeypatch.setattr(loop_module, "_chunk_steps", real)
     preemption._requested.clear()
-    resumed = fit(
-        _state(digits),
-        split,
-        step,
-        epochs=EPOCHS,
-        batch_size=BATCH,
-        seed=0,
-        checkpoints=TrainCheckpoints(directory, every_steps=5),
-        steps_per_dispatch=4,
-    )
+    resumed = run(TrainCheckpoints(directory, every_steps=5))
     # Resumed at step 12: its chunks (12-15, ...) are the uninterrupted run's.
     assert _max_difference(uninterrupted.state.params, resumed.state.params) == 0.0
     assert resumed.history == uninterrupted.history
