@@ -432,7 +432,11 @@ def run_worker(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--only", default="", help="comma-separated workloads (default: all)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated workloads, of {', '.join([*WORKLOADS, 'epoch'])} (default: all)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     parser.add_argument(
         "--w5-vmap",
@@ -452,7 +456,11 @@ def main() -> None:
         help="also time W5 with the students in a lax.map (very slow on a CPU: XLA runs "
         "convolutions inside loops many times slower)",
     )
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "benchmarks", "results"),
+        help="folder to write kd_speed_<platform>.json in (default: benchmarks/results)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

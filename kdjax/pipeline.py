@@ -186,7 +186,7 @@ class _Run:
             on_start=lambda history: self._restart_metrics(stage, history),
             on_nonfinite=self.config.get("on_nonfinite", "stop"),
             parallel=self.parallel,
-            steps_per_dispatch=self.steps_per_dispatch if self.parallel.single else 1,
+            steps_per_dispatch=self.steps_per_dispatch,
         )
         outcome = StageOutcome(
             result.state.frozen(),
@@ -316,6 +316,17 @@ def training_checkpoints(config: Mapping[str, Any], directory: str) -> TrainChec
     )
 
 
+def _check_one_device_for_multi_step(config: Mapping[str, Any]) -> None:
+    steps = config.get("performance", {}).get("steps_per_dispatch", 1)
+    parallel = DataParallel.from_config(config.get("parallel"))
+    if steps > 1 and not parallel.single:
+        raise ConfigError(
+            f"performance.steps_per_dispatch={steps} runs on one device in one process; this "
+            f"run has {len(parallel.devices)} devices. Set performance.steps_per_dispatch=1 "
+            "(a many-device step is already large) or parallel.devices=1."
+        )
+
+
 def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Runs the three stages and writes the work directory; returns the results dict.
 
@@ -332,6 +343,7 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     validate_config(config)
     check_parallel_config(config.get("parallel", {}))
     check_performance(config)
+    _check_one_device_for_multi_step(config)
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, keep=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -405,3 +407,62 @@ def test_bfloat16_mnist_short_run_lands_within_tolerance_of_float32(mnist_config
     for stage, f32_errors in errors["float32"].items():
         assert abs(errors["bfloat16"][stage] - f32_errors) <= 30, (stage, errors)
     assert errors["bfloat16"]["teacher"] <= 200
+
+
+def test_an_unreadable_teacher_cache_is_recomputed_not_fatal(digits, tmp_path, monkeypatch):
+    """Cut short, empty, or not an npz at all: the file is ignored and the logits computed."""
+    teacher, split = _teacher(digits), DeviceSplit(digits.train)
+    calls, real = [], teacher_cache.compute_logits
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "compute_logits", counting)
+    options = {"batch_size": 512, "parallel": DataParallel()}
+    good = teacher_cache.cached_teacher_logits(
+        teacher, split, read_from=[], write_to=str(tmp_path / "good"), **options
+    )
+    whole = (tmp_path / "good" / CACHE_FILE).read_bytes()
+    damaged = {"cut": whole[:100], "empty": b""}
+    for name, content in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CACHE_FILE).write_bytes(content)
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "x.npy", good)
+    os.replace(tmp_path / "npy" / "x.npy", tmp_path / "npy" / CACHE_FILE)
+    for name in (*damaged, "npy"):
+        logits = teacher_cache.cached_teacher_logits(
+            teacher,
+            split,
+            read_from=[str(tmp_path / name)],
+            write_to=str(tmp_path / name),
+            **options,
+        )
+        np.testing.assert_array_equal(logits, good)
+        # Replaced by a readable cache, which the next reader uses.
+        teacher_cache.cached_teacher_logits(
+            teacher,
+            split,
+            read_from=[str(tmp_path / name)],
+            write_to=str(tmp_path / "x"),
+            **options,
+        )
+    assert len(calls) == 4
+
+
+def test_several_steps_per_dispatch_on_several_devices_is_refused(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "kdjax", f"--workdir={tmp_path}/run"]
+        + ["--config.performance.steps_per_dispatch=8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "performance.steps_per_dispatch=8 runs on one device" in done.stderr
+    assert "this run has 2 devices" in done.stderr
+    assert not (tmp_path / "run").exists()

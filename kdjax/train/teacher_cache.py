@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -86,9 +87,11 @@ def cached_teacher_logits(
                 if str(saved["fingerprint"]) == key:
                     logger.info("Teacher logits read from %s.", path)
                     return saved["logits"]
-        except (OSError, ValueError, KeyError) as err:  # truncated or foreign: recompute
-            logger.warning("Ignoring teacher-logit cache %s (%s); recomputing.", path, err)
-        logger.info("Teacher-logit cache %s is for another teacher or data; recomputing.", path)
+        # Truncated, empty, not an npz, or without our keys: the file is not used.
+        except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as err:
+            logger.warning("Ignoring unreadable teacher-logit cache %s (%r).", path, err)
+            continue
+        logger.info("Teacher-logit cache %s is for another teacher or data.", path)
     logits = compute_logits(teacher, split, batch_size, parallel)
     if distributed.is_primary():
         os.makedirs(write_to, exist_ok=True)
