@@ -51,6 +51,7 @@ from kdjax.train import (
     make_optimizer,
     train_step,
 )
+from kdjax.train.loop import check_steps_per_dispatch
 from kdjax.train.parallel import DataParallel, check_parallel_config
 from kdjax.train.resume import TrainCheckpoints
 from kdjax.train.steps import augment_options, distill_from_logits_step
@@ -316,17 +317,6 @@ def training_checkpoints(config: Mapping[str, Any], directory: str) -> TrainChec
     )
 
 
-def _check_one_device_for_multi_step(config: Mapping[str, Any]) -> None:
-    steps = config.get("performance", {}).get("steps_per_dispatch", 1)
-    parallel = DataParallel.from_config(config.get("parallel"))
-    if steps > 1 and not parallel.single:
-        raise ConfigError(
-            f"performance.steps_per_dispatch={steps} runs on one device in one process; this "
-            f"run has {len(parallel.devices)} devices. Set performance.steps_per_dispatch=1 "
-            "(a many-device step is already large) or parallel.devices=1."
-        )
-
-
 def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Runs the three stages and writes the work directory; returns the results dict.
 
@@ -343,7 +333,11 @@ def run(config: Mapping[str, Any], workdir: str, *, overwrite: bool = False) -> 
     validate_config(config)
     check_parallel_config(config.get("parallel", {}))
     check_performance(config)
-    _check_one_device_for_multi_step(config)
+    check_steps_per_dispatch(
+        config.get("performance", {}).get("steps_per_dispatch", 1),
+        DataParallel.from_config(config.get("parallel")),
+        field="performance.steps_per_dispatch",
+    )
     teacher_checkpoint = config["teacher"].get("checkpoint", "")
     resuming = workdirs.prepare(workdir, config, overwrite=overwrite, keep=teacher_checkpoint)
     dataset = load_dataset(config["dataset"])

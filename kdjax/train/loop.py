@@ -167,7 +167,7 @@ def fit(
     total_steps = epochs * steps_per_epoch
     members = 1 if isinstance(seed, int | np.integer) else len(seed)
     parallel = parallel or DataParallel(jax.devices()[:1])
-    _check_steps_per_dispatch(steps_per_dispatch, parallel)
+    check_steps_per_dispatch(steps_per_dispatch, parallel)
 
     def batches(epoch: int, start: int = 0) -> Iterator[Batch]:
         return parallel.train_batches(train_split, batch_size, seed=seed, epoch=epoch, start=start)
@@ -296,18 +296,20 @@ def _chunk_steps(
     )
 
 
-def _check_steps_per_dispatch(steps_per_dispatch: Any, parallel: DataParallel) -> None:
+def check_steps_per_dispatch(
+    steps_per_dispatch: Any, parallel: DataParallel, field: str = "steps_per_dispatch"
+) -> None:
+    """Refuses a steps-per-dispatch count that is not a whole number >= 1, or > 1 on several
+    devices (``field``: its name in the caller's config)."""
     if isinstance(steps_per_dispatch, bool) or not isinstance(steps_per_dispatch, int | np.integer):
-        raise ConfigError(f"steps_per_dispatch={steps_per_dispatch!r} must be a whole number >= 1.")
+        raise ConfigError(f"{field}={steps_per_dispatch!r} must be a whole number >= 1.")
     if steps_per_dispatch < 1:
-        raise ConfigError(
-            f"steps_per_dispatch={steps_per_dispatch} must be >= 1 (1: one step per call)."
-        )
+        raise ConfigError(f"{field}={steps_per_dispatch} must be >= 1 (1: one step per call).")
     if steps_per_dispatch > 1 and not parallel.single:
         raise ConfigError(
-            f"steps_per_dispatch={steps_per_dispatch} runs on one device in one process; with "
-            f"{len(parallel.devices)} devices set steps_per_dispatch=1 (each step of a "
-            "many-device run is already large) or parallel.devices=1."
+            f"{field}={steps_per_dispatch} runs on one device in one process; this run has "
+            f"{len(parallel.devices)} devices. Set {field}=1 (a many-device step is already "
+            "large) or parallel.devices=1."
         )
 
 
